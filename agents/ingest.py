@@ -1,0 +1,302 @@
+"""Ingest: the stateless first stage, ``usage.raw`` -> ``usage.valid`` | ``usage.rejected``.
+
+``IngestCore`` is the pure core (no I/O, no clock reads: the caller passes ``now``). ``IngestStage``
+at the end is its shell for the exactly-once loop in ``pipeline.transactional``, which hands it each
+poll's records per partition and commits everything one poll produced in one transaction.
+
+Per event, in order:
+1. size: a message above ``max_message_bytes`` or an event above ``max_event_bytes`` -> ``oversized``;
+2. split: a JSON array is a CloudEvents batch, split into raw elements without decoding them
+   (a message that is not JSON at all -> ``malformed_json``, the whole message);
+3. decode + validate in one msgspec pass into the type's struct (``unknown_type``,
+   ``negative_quantity`` for counts below zero, ``schema_violation`` for the rest);
+4. checks msgspec cannot express: decimal quantities non-negative and bounded, VRAM allocated
+   within total, utilization within 0..1, event time within [now - horizon, now + tolerance],
+   subject a known account when an account list is configured;
+5. normalize: time to UTC, decimals as strings, canonical field order (one encoding per event,
+   so dedupe can fingerprint the bytes), then route by ``murmur2(subject)`` - Kafka's default
+   partitioner - to the ``usage.valid`` partition that every keyed stage after this one reads.
+
+A bad event in a batch rejects only that event. Nothing here raises on input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import msgspec
+from aiokafka.partitioner import murmur2
+from aiokafka.structs import ConsumerRecord, RecordMetadata
+
+from schemas.events import (
+    ApiRequestEvent,
+    GpuUsageEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    StorageUsageEvent,
+    UsageEvent,
+    batch_splitter,
+    encode_batch,
+    encoder,
+    event_decoder,
+)
+from pipeline.settings import Settings
+from pipeline.transactional import Outcome, Outgoing
+from schemas.rejections import Reason, Rejection, Stage
+
+# Largest decimal quantity accepted in one event (10^15 GB or W is a producer bug, not usage).
+MAX_QUANTITY = Decimal(10) ** 15
+_ZERO = Decimal(0)
+# Output messages are cut at this size, well under Kafka's 1 MiB default max.message.bytes.
+MAX_OUTPUT_MESSAGE_BYTES = 512 * 1024
+# Partition numbers cached per account; cleared when it grows past this (bounded memory).
+PARTITION_CACHE_SIZE = 1_000_000
+
+_WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestPolicy:
+    max_message_bytes: int
+    max_event_bytes: int
+    future_tolerance: timedelta
+    horizon: timedelta
+    known_accounts: frozenset[str] | None = None
+
+
+@dataclass(slots=True)
+class PartitionedBatches:
+    """Accepted events re-batched per destination partition, cut into messages of bounded size."""
+
+    partitions: int
+    max_message_bytes: int = MAX_OUTPUT_MESSAGE_BYTES
+    _open: dict[int, list[bytes]] = field(default_factory=dict)
+    _open_size: dict[int, int] = field(default_factory=dict)
+    _closed: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, partition: int, event: bytes) -> None:
+        size = self._open_size.get(partition, 0) + len(event) + 1
+        if size > self.max_message_bytes and partition in self._open:
+            self._closed.append((partition, self._open.pop(partition)))
+            size = len(event) + 1
+        self._open.setdefault(partition, []).append(event)
+        self._open_size[partition] = size
+        self.count += 1
+
+    def messages(self) -> Iterator[tuple[int, list[bytes]]]:
+        """(partition, events) per output message, closed ones first."""
+        yield from self._closed
+        yield from self._open.items()
+
+
+class Partitioner:
+    """Kafka's default partitioner (murmur2 of the key), cached per account."""
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, account: str) -> int:
+        partition = self._cache.get(account)
+        if partition is None:
+            partition = (murmur2(account.encode()) & 0x7FFFFFFF) % self.partitions
+            if len(self._cache) >= PARTITION_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[account] = partition
+        return partition
+
+
+@dataclass(frozen=True, slots=True)
+class _TimeBounds:
+    """The accepted event-time range, computed once per poll rather than once per event."""
+
+    now: datetime
+    earliest: datetime
+    latest: datetime
+
+
+@dataclass(slots=True)
+class IngestResult:
+    accepted: PartitionedBatches
+    bounds: _TimeBounds
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+class IngestCore:
+    """Validates and routes events. One instance per worker; ``process`` is called per record."""
+
+    def __init__(self, policy: IngestPolicy, partitioner: Partitioner) -> None:
+        self.policy = policy
+        self.partitioner = partitioner
+
+    def new_result(self, now: datetime) -> IngestResult:
+        """An empty result for one poll; event times are judged against ``now``."""
+        bounds = _TimeBounds(now, now - self.policy.horizon, now + self.policy.future_tolerance)
+        return IngestResult(PartitionedBatches(self.partitioner.partitions), bounds)
+
+    def process(self, value: bytes | None, origin: str, result: IngestResult) -> None:
+        """Validate one Kafka record's value (one event or a batch) into ``result``."""
+        if not value:
+            result.rejected.append(_reject(Reason.MALFORMED_JSON, "empty message", b"", origin))
+            return
+        if len(value) > self.policy.max_message_bytes:
+            detail = f"message of {len(value)} bytes exceeds {self.policy.max_message_bytes}"
+            result.rejected.append(_reject(Reason.OVERSIZED, detail, value, origin))
+            return
+        if value.lstrip(_WHITESPACE)[:1] == b"[":
+            try:
+                elements = batch_splitter.decode(value)
+            except msgspec.DecodeError as exc:
+                result.rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), value, origin))
+                return
+            except msgspec.ValidationError as exc:  # pragma: no cover - list[Raw] accepts any array
+                result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), value, origin))
+                return
+            for index, element in enumerate(elements):
+                self._one(bytes(element), origin, index, result)
+        else:
+            self._one(value, origin, None, result)
+
+    def _one(self, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
+        policy = self.policy
+        if len(raw) > policy.max_event_bytes:
+            detail = f"event of {len(raw)} bytes exceeds {policy.max_event_bytes}"
+            result.rejected.append(_reject(Reason.OVERSIZED, detail, raw, origin, index))
+            return
+        try:
+            event = event_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            result.rejected.append(_reject(_classify(str(exc)), str(exc), raw, origin, index))
+            return
+        except msgspec.DecodeError as exc:
+            result.rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), raw, origin, index))
+            return
+        problem = _check(event, policy, result.bounds)
+        if problem is not None:
+            result.rejected.append(_reject(problem[0], problem[1], raw, origin, index))
+            return
+        if event.time.utcoffset():
+            event.time = event.time.astimezone(UTC)
+        result.accepted.add(self.partitioner(event.subject), encoder.encode(event))
+
+
+def _reject(reason: Reason, detail: str, raw: bytes, origin: str, index: int | None = None) -> Rejection:
+    where = origin if index is None else f"{origin}#{index}"
+    return Rejection(reason=reason, detail=detail, original=raw, origin=where, stage=Stage.INGEST)
+
+
+def _classify(message: str) -> Reason:
+    """Map a msgspec validation message to a reason code."""
+    if message.endswith("- at `$.type`") and message.startswith("Invalid value"):
+        return Reason.UNKNOWN_TYPE
+    if "` >= 0 - at `" in message:
+        return Reason.NEGATIVE_QUANTITY
+    return Reason.SCHEMA_VIOLATION
+
+
+def _check(event: UsageEvent, policy: IngestPolicy, bounds: _TimeBounds) -> tuple[Reason, str] | None:
+    """Checks msgspec cannot express; ``None`` when the event is fine."""
+    if event.time > bounds.latest:
+        return Reason.TOO_FAR_IN_FUTURE, f"time {event.time.isoformat()} is ahead of now {bounds.now.isoformat()}"
+    if event.time < bounds.earliest:
+        return Reason.TOO_LATE, f"time {event.time.isoformat()} is older than the {policy.horizon.days}-day horizon"
+    if policy.known_accounts is not None and event.subject not in policy.known_accounts:
+        return Reason.UNKNOWN_ACCOUNT, f"subject {event.subject!r} is not a known account"
+    if type(event) is GpuUsageEvent:
+        data = event.data
+        problem = (
+            _check_quantity("vram_total_gb", data.vram_total_gb)
+            or _check_quantity("vram_allocated_gb", data.vram_allocated_gb)
+            or _check_quantity("power_watts", data.power_watts)
+            or _check_quantity("utilization", data.utilization)
+        )
+        if problem is not None:
+            return problem
+        if data.vram_allocated_gb > data.vram_total_gb:
+            return Reason.SCHEMA_VIOLATION, "vram_allocated_gb exceeds vram_total_gb - at `$.data`"
+        if data.utilization > 1:
+            return Reason.SCHEMA_VIOLATION, "utilization is a fraction and must be <= 1 - at `$.data.utilization`"
+    elif type(event) is StorageUsageEvent:
+        return _check_quantity("gb", event.data.gb)
+    elif type(event) is SessionStartedEvent:
+        started = event.data
+        if started.vram_total_gb is not None and (problem := _check_quantity("vram_total_gb", started.vram_total_gb)):
+            return problem
+        if started.vram_allocated_gb is not None:
+            return _check_quantity("vram_allocated_gb", started.vram_allocated_gb)
+    return None
+
+
+def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
+    # Fast path first: one comparison pair for the common, valid case.
+    if _ZERO <= value <= MAX_QUANTITY:
+        return None
+    where = f" - at `$.data.{name}`"
+    if value.is_nan():
+        return Reason.SCHEMA_VIOLATION, f"{name} must be a number{where}"
+    if value < 0:
+        return Reason.NEGATIVE_QUANTITY, f"{name} is {value}, must be >= 0{where}"
+    return Reason.SCHEMA_VIOLATION, f"{name} is {value}, must be <= {MAX_QUANTITY}{where}"
+
+
+# The shell: adapts the core to the exactly-once loop (pipeline.transactional) -----------------
+
+
+class IngestTask:
+    """Ingest for one ``usage.raw`` partition; stateless, so ``committed`` has nothing to do."""
+
+    def __init__(self, core: IngestCore, input_topic: str, output_topic: str, rejected_topic: str, partition: int):
+        self.core = core
+        self.output_topic = output_topic
+        self.rejected_topic = rejected_topic
+        self.origin_prefix = f"{input_topic}/{partition}/"
+
+    def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome:
+        result = self.core.new_result(now)
+        prefix = self.origin_prefix
+        for record in records:
+            self.core.process(record.value, f"{prefix}{record.offset}", result)
+        messages = [
+            Outgoing(self.output_topic, encode_batch(events), partition=partition)
+            for partition, events in result.accepted.messages()
+        ]
+        messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
+        counters = {"records": len(records), "accepted": result.accepted.count}
+        for rejection in result.rejected:
+            counters[f"rejected.{rejection.reason}"] = counters.get(f"rejected.{rejection.reason}", 0) + 1
+        return Outcome(messages, counters=counters)
+
+    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class IngestStage:
+    name = "ingest"
+
+    def __init__(self, settings: Settings) -> None:
+        self.input_topic = settings.topic_raw
+        self.settings = settings
+        policy = IngestPolicy(
+            max_message_bytes=settings.max_message_bytes,
+            max_event_bytes=settings.max_event_bytes,
+            future_tolerance=settings.future_tolerance,
+            horizon=settings.dedupe_horizon,
+            known_accounts=settings.known_accounts(),
+        )
+        self.core = IngestCore(policy, Partitioner(settings.partitions))
+
+    async def open_task(self, partition: int) -> IngestTask:
+        s = self.settings
+        return IngestTask(self.core, s.topic_raw, s.topic_valid, s.topic_rejected, partition)
+
+
+def rejection_message(topic: str, rejection: Rejection) -> Outgoing:
+    """A dead-letter record: the original bytes, the reason in headers (schemas.rejections)."""
+    return Outgoing(topic, rejection.original, headers=rejection.headers())

@@ -1,0 +1,82 @@
+"""The Faust app factory: ``tally worker`` runs this app.
+
+The stateless ingest stage and the dedupe stage run as services inside the Faust app on aiokafka
+directly (DESIGN.md throughput rule 4, and docs/ARCHITECTURE.md for why dedupe does too): Faust's
+per-message path costs ~75 us and its tables write one changelog record per assignment, where these
+stages need one transaction and one changelog record per poll. Faust agents join this app for the
+windowed stages that follow (issue 4); they read batch messages only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+from mode import Service
+
+from agents.ingest import IngestStage
+from agents.meter import DedupeStage
+from pipeline.settings import Settings
+from pipeline.transactional import Stage, TransactionalLoop
+
+log = logging.getLogger(__name__)
+
+# How often each stage logs its counters.
+REPORT_INTERVAL_S = 10.0
+
+
+class StageService(Service):  # type: ignore[misc]  # mode ships no type information
+    """Runs one ``TransactionalLoop`` for the lifetime of the worker."""
+
+    def __init__(self, loop_: TransactionalLoop, **kwargs: object) -> None:
+        self.stage_loop = loop_
+        super().__init__(**kwargs)
+
+    @property
+    def shortlabel(self) -> str:
+        return f"stage:{self.stage_loop.stage.name}"
+
+    async def on_start(self) -> None:
+        self.add_future(self._run())
+        self.add_future(self._report())
+
+    async def _run(self) -> None:
+        try:
+            await self.stage_loop.run()
+        except Exception as exc:
+            # A bug or a lost broker, never bad input (input never raises): crash the worker so
+            # its supervisor restarts it from the last committed offsets.
+            log.exception("stage %s crashed; stopping the worker", self.stage_loop.stage.name)
+            await self.crash(exc)
+
+    async def _report(self) -> None:
+        while not self.should_stop:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            log.info("stage %s: %s", self.stage_loop.stage.name, self.stage_loop.counters)
+
+    async def on_stop(self) -> None:
+        self.stage_loop.stop()
+
+
+def stages(settings: Settings) -> list[Stage]:
+    return [IngestStage(settings), DedupeStage(settings)]
+
+
+def create_app(settings: Settings) -> faust.App:
+    faust_dir = settings.data_dir / "faust" / settings.worker_id
+    faust_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.app_id,
+        broker=settings.kafka_url,
+        web_enabled=False,
+        store="memory://",
+        datadir=str(faust_dir),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        processing_guarantee="exactly_once",
+    )
+    for stage in stages(settings):
+        service = StageService(TransactionalLoop(settings, stage))
+        app._extra_services.append(service)  # noqa: SLF001  # app.service() takes classes only; ours carry settings
+    return app

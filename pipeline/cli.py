@@ -1,0 +1,154 @@
+"""``tally``: the command line. Each command is a thin wrapper; the work lives in the modules named."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="Tally: streaming metering, rating and settlement for GPU and API usage.",
+                  no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Show or check the settings (TALLY_* environment variables).")
+topics_app = typer.Typer(help="Kafka topics Tally uses.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(topics_app, name="topics")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@config_app.callback(invoke_without_command=True)
+def config(check: Annotated[bool, typer.Option("--check", help="Only validate; exit 2 listing every problem.")] = False) -> None:
+    """Print the effective settings (passwords masked), or check them."""
+    settings = _settings()
+    if check:
+        console.print("settings OK")
+        return
+    typer.echo(json.dumps(settings.redacted(), indent=2, default=str))
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the topics Tally declares (idempotent)."""
+    from pipeline.topics import create_topics, declared_topics
+
+    settings = _settings()
+    results = asyncio.run(create_topics(settings))
+    purposes = {t.name: t.purpose for t in declared_topics(settings)}
+    for name, status in results:
+        typer.echo(f"{name:40s} {status:8s} {settings.partitions} partitions  {purposes[name]}")
+
+
+@app.command()
+def worker(loglevel: Annotated[str, typer.Option(help="Log level.")] = "info") -> None:
+    """Run a worker: the Faust app with the ingest and dedupe stages."""
+    import faust
+
+    from pipeline.app import create_app
+
+    settings = _settings()
+    faust_app = create_app(settings)
+    faust.Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
+
+
+@app.command()
+def produce(
+    file: Annotated[Path | None, typer.Argument(help="JSON lines file; stdin when omitted.")] = None,
+) -> None:
+    """Publish events, one JSON CloudEvent (or CloudEvents batch) per line, to usage.raw.
+
+    Valid events are batched per account and keyed by it; a line that is not a valid event is still
+    published as it is, so ingest dead-letters it with a reason instead of it being lost here.
+    """
+    from pipeline.producer import TallyProducer
+    from schemas.events import event_decoder
+
+    settings = _settings()
+    lines = (file.open("rb") if file else sys.stdin.buffer).read().splitlines()
+
+    async def run() -> tuple[int, int]:
+        valid = []
+        raw: list[tuple[bytes | None, bytes]] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                valid.append(event_decoder.decode(line))
+            except Exception:  # noqa: BLE001  # anything not decodable goes to ingest verbatim, which says why
+                raw.append((None, line))
+        async with TallyProducer(settings) as producer:
+            messages = await producer.send_events(valid)
+            await producer.send_raw(raw)
+        return len(valid) + len(raw), messages + len(raw)
+
+    events, messages = asyncio.run(run())
+    console.print(f"published {events} lines in {messages} messages to {settings.topic_raw}")
+
+
+@app.command()
+def loadgen(
+    events: Annotated[int, typer.Option(help="Events to generate.")] = 100_000,
+    accounts: Annotated[int, typer.Option(help="Distinct accounts.")] = 100,
+    rate: Annotated[float, typer.Option(help="Events/s; 0 = as fast as possible.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Events per message; 1 = single-event messages.")] = 1,
+    duplicates: Annotated[float, typer.Option(help="Fraction of exact repeats.")] = 0.05,
+    bad: Annotated[float, typer.Option(help="Fraction of bad input (every kind in turn).")] = 0.05,
+    seed: Annotated[int, typer.Option(help="RNG seed.")] = 0,
+    manifest: Annotated[Path | None, typer.Option(help="Write the expected outcome here as JSON.")] = None,
+    accounts_file: Annotated[Path | None, typer.Option(help="Write the generated account ids here.")] = None,
+) -> None:
+    """Publish realistic synthetic GPU / API / storage usage, with duplicates and bad input."""
+    from pipeline.loadgen import BadKind, Expected, LoadPlan, account_ids, default_now, generate, publish
+
+    settings = _settings()
+    if accounts_file is not None:
+        accounts_file.write_text("\n".join(account_ids(accounts)) + "\n", encoding="utf-8")
+    kinds = tuple(k for k in BadKind if k is not BadKind.UNKNOWN_ACCOUNT or settings.accounts_file)
+    plan = LoadPlan(events=events, accounts=accounts, duplicate_fraction=duplicates, bad_fraction=bad,
+                    batch_size=batch_size, bad_kinds=kinds, seed=seed,
+                    max_event_bytes=settings.max_event_bytes, max_message_bytes=settings.max_message_bytes)
+    expected = Expected()
+    with Progress(TextColumn("loadgen"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        bar = progress.add_task("events", total=events)
+        sent, seconds = asyncio.run(publish(settings, generate(plan, default_now(), expected), rate=rate,
+                                            on_progress=lambda n: progress.advance(bar, n)))
+    summary = {
+        "events": expected.events, "messages": expected.messages, "accepted": len(expected.accepted),
+        "duplicates": expected.duplicates, "rejected": dict(sorted(expected.rejected.items())),
+        "seconds": round(seconds, 3), "events_per_s": round(sent / seconds) if seconds else None,
+    }
+    if manifest is not None:
+        manifest.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="Events to publish.")] = 100_000,
+    accounts: Annotated[int, typer.Option(help="Distinct accounts.")] = 200,
+) -> None:
+    """Run a worker, publish synthetic usage with duplicates and bad input, report what came out."""
+    from pipeline.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(_settings(), events=events, accounts=accounts, console=console)))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()

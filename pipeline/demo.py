@@ -1,0 +1,99 @@
+"""``tally demo``: the walking skeleton end to end on the local stack.
+
+Starts a worker process, publishes synthetic usage (half as single-event messages, half as
+100-event batches, with duplicates and every kind of bad input), reads ``usage.accepted`` and
+``usage.rejected`` back with a read-committed consumer, and prints what came out beside what had to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.loadgen import Expected, LoadPlan, account_ids, default_now, generate, publish
+from pipeline.outputs import OutputReader
+from pipeline.settings import Settings
+from pipeline.topics import create_topics
+
+
+def tally_executable() -> str:
+    """The ``tally`` script of the running environment."""
+    return str(Path(sys.executable).with_name("tally"))
+
+
+def start_worker(settings: Settings, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(  # noqa: S603  # our own entry point, no shell
+            [tally_executable(), "worker"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def run_demo(settings: Settings, *, events: int, accounts: int, console: Console) -> int:
+    accounts_file = settings.data_dir / "demo" / "accounts.txt"
+    accounts_file.parent.mkdir(parents=True, exist_ok=True)
+    accounts_file.write_text("\n".join(account_ids(accounts)) + "\n", encoding="utf-8")
+    settings = settings.model_copy(update={"accounts_file": accounts_file})
+    for name, status in await create_topics(settings):
+        console.print(f"topic {name}: {status}")
+
+    worker = start_worker(settings, {"TALLY_ACCOUNTS_FILE": str(accounts_file)},
+                          settings.data_dir / "logs" / "demo-worker.log")
+    console.print(f"worker started (pid {worker.pid}), log {settings.data_dir / 'logs' / 'demo-worker.log'}")
+    try:
+        async with OutputReader(settings) as reader:
+            await reader.start_from(await reader.snapshot())
+            expected = Expected()
+            now = default_now()
+            started = time.monotonic()
+            for shape, batch_size in (("single-event messages", 1), ("100-event batches", 100)):
+                plan = LoadPlan(events=events // 2, accounts=accounts, batch_size=batch_size, seed=batch_size,
+                                max_event_bytes=settings.max_event_bytes,
+                                max_message_bytes=settings.max_message_bytes)
+                sent, seconds = await publish(settings, generate(plan, now, expected))
+                console.print(f"published {sent:,} events as {shape} in {seconds:.1f} s")
+            must_total = len(expected.accepted) + sum(expected.rejected.values())
+            outputs = await reader.read_until(must_total, idle_timeout_s=60)
+    finally:
+        stop_worker(worker)
+
+    table = Table(title="Tally demo: what came out of the pipeline")
+    table.add_column("outcome")
+    table.add_column("expected", justify="right")
+    table.add_column("got", justify="right")
+    table.add_row("accepted", f"{len(expected.accepted):,}", f"{outputs.accepted:,}")
+    table.add_row("duplicates dropped", f"{expected.duplicates:,}",
+                  f"{expected.events - outputs.total:,}")
+    for reason in sorted(set(expected.rejected) | set(outputs.rejected)):
+        table.add_row(f"rejected: {reason}", str(expected.rejected[reason]), str(outputs.rejected[reason]))
+    console.print(table)
+    elapsed = (outputs.last_seen or started) - started
+    console.print(f"{expected.events:,} events in {elapsed:.1f} s from first publish to last output: "
+                  f"{expected.events / elapsed:,.0f} events/s end to end" if elapsed > 0 else "no output")
+    ok = (set(outputs.identities) == expected.accepted and not outputs.repeated
+          and outputs.rejected == expected.rejected)
+    console.print("[green]every event accounted for, exactly once[/green]" if ok
+                  else "[red]outputs differ from what was expected[/red]")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    asyncio.run(run_demo(Settings(), events=10_000, accounts=50, console=Console()))

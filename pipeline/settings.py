@@ -1,0 +1,201 @@
+"""The one typed settings object (DESIGN.md "Settings").
+
+Every environment read of the project happens here: variables are prefixed ``TALLY_``, validated at
+start-up, and every problem is reported at once (``tally config --check``). Secrets are held as
+``SecretStr`` or masked when printed.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Settings(BaseSettings):
+    """Tally's configuration. Field names map to ``TALLY_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TALLY_", extra="ignore", validate_default=True)
+
+    data_dir: Path = REPO_ROOT / ".data"
+    # Production services. Empty means the local stack that deploy/local/tally-local starts, on
+    # loopback at the local_*_port below (non-default ports: never a user's own servers).
+    kafka_url: str = ""
+    postgres_url: str = ""
+    redis_url: str = ""
+    clickhouse_url: str = ""  # empty means chdb:///<data_dir>/clickhouse
+    local_kafka_port: Annotated[int, Field(ge=1, le=65535)] = 39092
+    local_postgres_port: Annotated[int, Field(ge=1, le=65535)] = 35432
+    local_redis_port: Annotated[int, Field(ge=1, le=65535)] = 36379
+
+    # Stable identity of this worker process: names its local state directory, so a restarted
+    # worker reopens its own dedupe store instead of restoring it from the changelog.
+    worker_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "worker-1"
+    app_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "tally"
+
+    # Topics (DESIGN.md data flow).
+    topic_raw: str = "usage.raw"
+    topic_valid: str = "usage.valid"
+    topic_accepted: str = "usage.accepted"
+    topic_rejected: str = "usage.rejected"
+    partitions: Annotated[int, Field(ge=1, le=1024)] = 6
+    replication_factor: Annotated[int, Field(ge=1, le=16)] = 1
+
+    # Ingest limits. A Kafka message above max_message_bytes, or an event above max_event_bytes,
+    # is rejected as ``oversized`` (the broker's own limit is 4 MiB on the local stack).
+    max_message_bytes: PositiveInt = 1_048_576
+    max_event_bytes: PositiveInt = 65_536
+    # Events stamped further ahead than this are ``too_far_in_future`` (clock skew allowance).
+    future_tolerance: timedelta = timedelta(minutes=5)
+    # Dedupe horizon and correction horizon: older events are ``too_late``.
+    dedupe_horizon: timedelta = timedelta(days=35)
+    # Optional file of known account ids (one per line). Unset: every well-formed subject is known.
+    accounts_file: Path | None = None
+
+    # Batching of the transactional loops: records per poll and longest wait for a poll.
+    poll_max_records: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
+    poll_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 200
+    # Kafka transaction timeout: a transaction open longer than this is aborted by the broker.
+    transaction_timeout_ms: Annotated[int, Field(ge=1_000, le=900_000)] = 60_000
+
+    @model_validator(mode="after")
+    def _local_defaults(self) -> Settings:
+        if not self.kafka_url:
+            self.kafka_url = f"kafka://127.0.0.1:{self.local_kafka_port}"
+        if not self.postgres_url:
+            self.postgres_url = f"postgresql://tally@127.0.0.1:{self.local_postgres_port}/tally"
+        if not self.redis_url:
+            self.redis_url = f"redis://127.0.0.1:{self.local_redis_port}/0"
+        if not self.clickhouse_url:
+            self.clickhouse_url = f"chdb://{self.data_dir / 'clickhouse'}"
+        return self
+
+    @field_validator("kafka_url")
+    @classmethod
+    def _kafka_url(cls, value: str) -> str:
+        if not value:
+            return value
+        for server in value.split(","):
+            parts = urlsplit(server if "://" in server else f"kafka://{server}")
+            if parts.scheme not in {"kafka", "aiokafka"} or not parts.hostname or not parts.port:
+                raise ValueError(f"expected kafka://host:port[,host:port...], got {value!r}")
+        return value
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
+            raise ValueError(f"expected postgresql://user@host:port/db, got {mask_url(value)!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in {"redis", "rediss"}:
+            raise ValueError(f"expected redis://host:port/db, got {mask_url(value)!r}")
+        return value
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _clickhouse_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in {"chdb", "http", "https"}:
+            raise ValueError(f"expected chdb:///path or http(s)://host:port, got {mask_url(value)!r}")
+        return value
+
+    @field_validator("topic_raw", "topic_valid", "topic_accepted", "topic_rejected")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not _TOPIC_NAME.match(value):
+            raise ValueError(f"not a valid Kafka topic name: {value!r}")
+        return value
+
+    @field_validator("accounts_file")
+    @classmethod
+    def _accounts_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"accounts file {value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems = []
+        if self.max_event_bytes > self.max_message_bytes:
+            problems.append("max_event_bytes must not exceed max_message_bytes")
+        if self.future_tolerance < timedelta(0):
+            problems.append("future_tolerance must not be negative")
+        if self.dedupe_horizon < timedelta(hours=1):
+            problems.append("dedupe_horizon must be at least 1 hour")
+        if len({self.topic_raw, self.topic_valid, self.topic_accepted, self.topic_rejected}) != 4:
+            problems.append("the four usage topics must have distinct names")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """``host:port[,host:port]`` for aiokafka."""
+        return ",".join(urlsplit(s if "://" in s else f"kafka://{s}").netloc for s in self.kafka_url.split(","))
+
+    @property
+    def state_dir(self) -> Path:
+        """Local state of this worker (dedupe stores), one directory per worker id."""
+        return self.data_dir / "state" / self.worker_id
+
+    def known_accounts(self) -> frozenset[str] | None:
+        if self.accounts_file is None:
+            return None
+        lines = self.accounts_file.read_text(encoding="utf-8").splitlines()
+        return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as printable values, passwords masked."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if name.endswith("_url") and isinstance(value, str):
+                value = mask_url(value)
+            out[name] = str(value) if isinstance(value, Path | timedelta) else value
+        return out
+
+
+class SettingsError(Exception):
+    """Start-up configuration is invalid; ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings from the environment; raise ``SettingsError`` listing all problems."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            env = f"TALLY_{where.upper()}" if where else "settings"
+            problems.append(f"{env}: {error['msg']}")
+        raise SettingsError(problems) from None

@@ -1,0 +1,69 @@
+"""Topic declarations (DESIGN.md data flow) and ``tally topics create``.
+
+Every topic has the same partition count: ingest routes by ``murmur2(account) % partitions``, and
+each keyed stage writes its output to the same partition number it read, so one account's events
+stay on one partition number all the way down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from agents.meter import dedupe_changelog_topic
+from pipeline.settings import Settings
+
+DAY_MS = 86_400_000
+# usage.raw and usage.rejected hold whole producer messages, up to the ingest limit and beyond it
+# (an oversized message is kept whole in the dead-letter topic): 4 MiB, the local broker's limit.
+LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    purpose: str
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def declared_topics(settings: Settings) -> list[TopicSpec]:
+    horizon_ms = int(settings.dedupe_horizon.total_seconds() * 1000)
+    return [
+        TopicSpec(settings.topic_raw, "raw usage from producers, any key, single or batch",
+                  {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)}),
+        TopicSpec(settings.topic_valid, "validated events, batched per partition of murmur2(account)",
+                  {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(settings.topic_accepted, "deduplicated events, the input of metering and analytics",
+                  {"retention.ms": str(horizon_ms + DAY_MS)}),
+        TopicSpec(settings.topic_rejected, "dead letters: original bytes + reason headers",
+                  {"retention.ms": str(horizon_ms + DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)}),
+        # One record per commit holding that commit's marks. Keys are not per mark, so compaction
+        # would not shrink it; marks older than the horizon are useless, so plain time retention.
+        TopicSpec(dedupe_changelog_topic(settings), "dedupe marks, one record per transaction",
+                  {"retention.ms": str(horizon_ms + DAY_MS), "cleanup.policy": "delete"}),
+    ]
+
+
+async def create_topics(settings: Settings) -> list[tuple[str, str]]:
+    """Create the declared topics that are missing; return (name, "created" | "exists")."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        specs = declared_topics(settings)
+        missing = [
+            NewTopic(s.name, settings.partitions, settings.replication_factor, topic_configs=s.config)
+            for s in specs
+            if s.name not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another process created them between our list and create: same outcome
+        created = {t.name for t in missing}
+        return [(s.name, "created" if s.name in created else "exists") for s in specs]
+    finally:
+        await admin.close()

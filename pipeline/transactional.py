@@ -1,0 +1,261 @@
+"""The exactly-once loop every Kafka-to-Kafka stage runs on (DESIGN.md throughput rule 4).
+
+A stage reads its input topic with aiokafka ``getmany`` and, per input partition and poll, writes
+everything that batch caused (outputs, dead letters, state changelog) and the consumed offsets in
+one Kafka transaction. A crash at any point either commits all of it or none of it, so the stage
+neither loses nor repeats its output.
+
+Order of steps per input partition and poll, and the guarantee each gives:
+1. ``task.process(records)``: pure work, no I/O. Nothing is visible yet; a crash here replays the
+   batch from the last committed offset.
+2. ``begin_transaction`` on the partition's own producer. Its transactional id is
+   ``<app>-<stage>-<topic>-<partition>``, so the worker that gets the partition next fences this
+   one (``init_transactions`` bumps the epoch): a stalled worker that lost the partition can no
+   longer commit, even though aiokafka 0.14 lacks KIP-447's group-generation fencing.
+3. ``send`` every output record and await the acks. Still invisible to read-committed readers.
+4. ``send_offsets_to_transaction``: the input offsets become part of the same transaction.
+5. ``commit_transaction``: outputs, changelog and offsets become visible atomically. This is the
+   commit point; before it, a crash aborts everything (the broker times the transaction out or the
+   next owner's fencing aborts it).
+6. ``task.committed(...)``: only now is local state (the RocksDB cache of the changelog) updated,
+   with the changelog offset it reflects. A crash between 5 and 6 is repaired on restart by
+   replaying the changelog tail; local state never holds an uncommitted change.
+
+Rebalances: the revocation callback takes the same lock as steps 1-6, so a partition is handed
+over only between transactions; a poll that straddled a rebalance is dropped (its records are
+fetched again from the committed offsets) rather than processed against a stale assignment.
+If a transaction fails (fenced, broker error), it is aborted, the partition is rewound to its
+first uncommitted record, and its task is reopened from the changelog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.structs import ConsumerRecord, RecordMetadata
+
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Consumer session timeout: how long the group waits for a silent member before rebalancing.
+SESSION_TIMEOUT_MS = 10_000
+# Pause before retrying a partition whose transaction failed for a reason other than fencing.
+RETRY_DELAY_S = 1.0
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    topic: str
+    value: bytes
+    partition: int | None = None
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one poll of one partition produced. ``state`` is handed back to ``committed``."""
+
+    messages: list[Outgoing]
+    state: Any = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class PartitionTask(Protocol):
+    """The stage's logic for one input partition."""
+
+    def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome: ...
+
+    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Stage(Protocol):
+    name: str
+    input_topic: str
+
+    async def open_task(self, partition: int) -> PartitionTask:
+        """Ready the task of a newly assigned partition (restoring its state, if it has any)."""
+        ...
+
+
+class TransactionalLoop:
+    """Runs one stage: consumer group ``<app>-<stage>``, a transactional producer per partition."""
+
+    def __init__(self, settings: Settings, stage: Stage, clock: Clock = utc_now) -> None:
+        self.settings = settings
+        self.stage = stage
+        self.clock = clock
+        self.group_id = f"{settings.app_id}-{stage.name}"
+        self.counters: dict[str, int] = {}
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._tasks: dict[TopicPartition, PartitionTask] = {}
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self._retries: set[asyncio.Task[None]] = set()
+        self.started = asyncio.Event()
+
+    # Lifecycle ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-{self.settings.worker_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=SESSION_TIMEOUT_MS // 3,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        consumer.subscribe([self.stage.input_topic], listener=_Listener(self._on_revoked, self._on_assigned))
+        self.started.set()
+        try:
+            while not self._stopping.is_set():
+                generation = self._generation
+                batches = await consumer.getmany(
+                    timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.poll_max_records
+                )
+                if not batches:
+                    continue
+                async with self._lock:
+                    if generation != self._generation:
+                        # A rebalance ran during the poll: its positions were reset to the
+                        # committed offsets, so these records will be fetched again.
+                        for tp, records in batches.items():
+                            if tp in self._tasks:
+                                consumer.seek(tp, records[0].offset)
+                        continue
+                    await asyncio.gather(
+                        *(self._transact(tp, records) for tp, records in batches.items() if tp in self._tasks)
+                    )
+        finally:
+            async with self._lock:
+                await self._close_partitions(set(self._tasks))
+            await consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # One transaction --------------------------------------------------------------------------
+
+    async def _transact(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        task = self._tasks[tp]
+        producer = self._producers[tp]
+        outcome = task.process(records, self.clock())  # step 1
+        try:
+            async with producer.transaction():  # steps 2 and 5
+                futures = [
+                    await producer.send(m.topic, m.value, key=m.key, partition=m.partition, headers=m.headers)
+                    for m in outcome.messages
+                ]
+                metadata = await asyncio.gather(*futures)  # step 3
+                await producer.send_offsets_to_transaction(  # step 4
+                    {tp: records[-1].offset + 1}, self.group_id
+                )
+        except KafkaError as exc:
+            # Nothing of this batch is visible. Rewind, stop fetching the partition, and take it
+            # up again later: at once would fight a new owner that fenced us, so a fenced
+            # worker waits a session timeout for the rebalance that hands the partition over.
+            fenced = isinstance(exc, ProducerFenced | InvalidProducerEpoch)
+            log.warning("%s: transaction for %s failed (%r); rewinding to offset %d",
+                        self.stage.name, tp, exc, records[0].offset)
+            assert self._consumer is not None
+            self._consumer.seek(tp, records[0].offset)
+            self._consumer.pause(tp)
+            await self._close_partitions({tp})
+            delay = SESSION_TIMEOUT_MS / 1000 if fenced else RETRY_DELAY_S
+            retry = asyncio.get_running_loop().create_task(self._retry(tp, self._generation, delay))
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
+            return
+        task.committed(outcome, metadata)  # step 6
+        for name, count in outcome.counters.items():
+            self.counters[name] = self.counters.get(name, 0) + count
+
+    # Rebalance ----------------------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Waits for the transaction in flight: a partition changes hands between transactions.
+        async with self._lock:
+            self._generation += 1
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self._lock:
+            self._generation += 1
+            await self._close_partitions(set(self._tasks) - assigned)
+            for tp in sorted(assigned - set(self._tasks)):
+                await self._open_partition(tp)
+
+    async def _open_partition(self, tp: TopicPartition) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=f"{self.group_id}-{self.settings.worker_id}-{tp.partition}",
+            transactional_id=f"{self.group_id}-{tp.topic}-{tp.partition}",
+            transaction_timeout_ms=self.settings.transaction_timeout_ms,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=1024 * 1024,
+            max_request_size=4 * 1024 * 1024,
+        )
+        await producer.start()  # init_transactions: fences the partition's previous owner
+        self._producers[tp] = producer
+        self._tasks[tp] = await self.stage.open_task(tp.partition)
+        log.info("%s: took partition %s", self.stage.name, tp)
+
+    async def _retry(self, tp: TopicPartition, generation: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with self._lock:
+            assert self._consumer is not None
+            if generation == self._generation and tp in self._consumer.assignment() and tp not in self._tasks:
+                await self._open_partition(tp)
+                self._consumer.resume(tp)
+
+    async def _close_partitions(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            task = self._tasks.pop(tp)
+            task.close()
+            await self._producers.pop(tp).stop()
+            log.info("%s: released partition %s", self.stage.name, tp)
+
+    async def _reopen(self, tp: TopicPartition) -> None:
+        await self._close_partitions({tp})
+        await self._open_partition(tp)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information here
+    def __init__(
+        self,
+        on_revoked: Callable[[set[TopicPartition]], Awaitable[None]],
+        on_assigned: Callable[[set[TopicPartition]], Awaitable[None]],
+    ) -> None:
+        self._revoked = on_revoked
+        self._assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._assigned(set(assigned))

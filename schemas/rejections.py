@@ -1,0 +1,63 @@
+"""The dead-letter contract: why an event was not accepted (DESIGN.md "Rejection").
+
+A rejected event goes to ``usage.rejected`` as its original bytes, untouched, with the reason in
+Kafka headers (the Kafka Connect DLQ convention), so any client can read, fix and replay it:
+
+| header | value |
+|---|---|
+| ``tally.reason`` | a code from ``Reason`` |
+| ``tally.detail`` | what exactly was wrong, e.g. ``Expected `int` >= 0 - at `$.data.request_count` `` |
+| ``tally.stage`` | ``ingest`` or ``meter`` |
+| ``tally.origin`` | ``<topic>/<partition>/<offset>[#<index in batch>]`` of the input |
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+
+class Reason(StrEnum):
+    """The closed list of rejection reasons."""
+
+    MALFORMED_JSON = "malformed_json"  # not JSON at all, or JSON with NaN/Infinity
+    SCHEMA_VIOLATION = "schema_violation"  # JSON, but not a valid event of its type
+    UNKNOWN_TYPE = "unknown_type"  # a `type` Tally does not know
+    NEGATIVE_QUANTITY = "negative_quantity"  # usage below zero
+    TOO_LATE = "too_late"  # older than the correction horizon
+    TOO_FAR_IN_FUTURE = "too_far_in_future"  # stamped ahead of now beyond the clock-skew tolerance
+    OVERSIZED = "oversized"  # message or event larger than allowed
+    ID_CONFLICT = "id_conflict"  # a (source, id) seen before with a different payload
+    UNKNOWN_ACCOUNT = "unknown_account"  # subject is not a known account
+
+
+class Stage(StrEnum):
+    INGEST = "ingest"
+    METER = "meter"
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """One rejected event (or whole message, when it cannot be split into events)."""
+
+    reason: Reason
+    detail: str
+    original: bytes
+    origin: str  # <topic>/<partition>/<offset>[#index]
+    stage: Stage
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("tally.reason", self.reason.value.encode()),
+            ("tally.detail", self.detail.encode()[:1024]),
+            ("tally.stage", self.stage.value.encode()),
+            ("tally.origin", self.origin.encode()),
+        ]
+
+
+def reason_of(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]) -> str | None:
+    """The ``tally.reason`` header of a dead-letter record, if any."""
+    for name, value in headers:
+        if name == "tally.reason":
+            return value.decode()
+    return None
