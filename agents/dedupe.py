@@ -66,7 +66,9 @@ def dedupe_message(
     try:
         elements = batch_splitter.decode(value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        result.rejected.append(_reject(Reason.MALFORMED_JSON, f"not a CloudEvents batch: {exc}", value or b"", origin))
+        result.rejected.append(
+            _reject(Reason.MALFORMED_JSON, f"not a CloudEvents batch: {exc}", value or b"", origin)
+        )
         return
     pending = result.marks
     for index, element in enumerate(elements):
@@ -87,7 +89,9 @@ def dedupe_message(
         elif seen == print_:
             result.duplicates += 1
         else:
-            detail = f"(source, id) = ({ident.source!r}, {ident.id!r}) was seen before with a different payload"
+            detail = (
+                f"(source, id) = ({ident.source!r}, {ident.id!r}) was seen before with a different payload"
+            )
             result.rejected.append(_reject(Reason.ID_CONFLICT, detail, raw, f"{origin}#{index}"))
 
 

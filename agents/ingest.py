@@ -22,6 +22,7 @@ A bad event in a batch rejects only that event. Nothing here raises on input.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,10 +32,10 @@ import msgspec
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
+from pipeline.settings import Settings
+from pipeline.transactional import Outcome, Outgoing
 from schemas.events import (
-    ApiRequestEvent,
     GpuUsageEvent,
-    SessionEndedEvent,
     SessionStartedEvent,
     StorageUsageEvent,
     UsageEvent,
@@ -43,9 +44,9 @@ from schemas.events import (
     encoder,
     event_decoder,
 )
-from pipeline.settings import Settings
-from pipeline.transactional import Outcome, Outgoing
 from schemas.rejections import Reason, Rejection, Stage
+
+log = logging.getLogger(__name__)
 
 # Largest decimal quantity accepted in one event (10^15 GB or W is a producer bug, not usage).
 MAX_QUANTITY = Decimal(10) ** 15
@@ -147,6 +148,14 @@ class IngestCore:
             detail = f"message of {len(value)} bytes exceeds {self.policy.max_message_bytes}"
             result.rejected.append(_reject(Reason.OVERSIZED, detail, value, origin))
             return
+        try:
+            self._message(value, origin, result)
+        except Exception as exc:  # last line of defence: a poison message must not crash-loop the worker
+            log.exception("ingest: unexpected error on %s; dead-lettered", origin)
+            detail = f"could not be processed: {exc!r}"
+            result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, value, origin))
+
+    def _message(self, value: bytes, origin: str, result: IngestResult) -> None:
         if value.lstrip(_WHITESPACE)[:1] == b"[":
             try:
                 elements = batch_splitter.decode(value)
@@ -162,6 +171,14 @@ class IngestCore:
             self._one(value, origin, None, result)
 
     def _one(self, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
+        try:
+            self._event(raw, origin, index, result)
+        except Exception as exc:  # last line of defence: a poison event must not crash-loop the worker
+            log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, index)
+            detail = f"could not be processed: {exc!r}"
+            result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, raw, origin, index))
+
+    def _event(self, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
         policy = self.policy
         if len(raw) > policy.max_event_bytes:
             detail = f"event of {len(raw)} bytes exceeds {policy.max_event_bytes}"
@@ -198,12 +215,20 @@ def _classify(message: str) -> Reason:
     return Reason.SCHEMA_VIOLATION
 
 
-def _check(event: UsageEvent, policy: IngestPolicy, bounds: _TimeBounds) -> tuple[Reason, str] | None:
+def _check(  # noqa: PLR0911  # one early return per rule reads better than a rule table here
+    event: UsageEvent, policy: IngestPolicy, bounds: _TimeBounds
+) -> tuple[Reason, str] | None:
     """Checks msgspec cannot express; ``None`` when the event is fine."""
     if event.time > bounds.latest:
-        return Reason.TOO_FAR_IN_FUTURE, f"time {event.time.isoformat()} is ahead of now {bounds.now.isoformat()}"
+        return (
+            Reason.TOO_FAR_IN_FUTURE,
+            f"time {event.time.isoformat()} is ahead of now {bounds.now.isoformat()}",
+        )
     if event.time < bounds.earliest:
-        return Reason.TOO_LATE, f"time {event.time.isoformat()} is older than the {policy.horizon.days}-day horizon"
+        return (
+            Reason.TOO_LATE,
+            f"time {event.time.isoformat()} is older than the {policy.horizon.days}-day horizon",
+        )
     if policy.known_accounts is not None and event.subject not in policy.known_accounts:
         return Reason.UNKNOWN_ACCOUNT, f"subject {event.subject!r} is not a known account"
     if type(event) is GpuUsageEvent:
@@ -219,12 +244,17 @@ def _check(event: UsageEvent, policy: IngestPolicy, bounds: _TimeBounds) -> tupl
         if data.vram_allocated_gb > data.vram_total_gb:
             return Reason.SCHEMA_VIOLATION, "vram_allocated_gb exceeds vram_total_gb - at `$.data`"
         if data.utilization > 1:
-            return Reason.SCHEMA_VIOLATION, "utilization is a fraction and must be <= 1 - at `$.data.utilization`"
+            return (
+                Reason.SCHEMA_VIOLATION,
+                "utilization is a fraction and must be <= 1 - at `$.data.utilization`",
+            )
     elif type(event) is StorageUsageEvent:
         return _check_quantity("gb", event.data.gb)
     elif type(event) is SessionStartedEvent:
         started = event.data
-        if started.vram_total_gb is not None and (problem := _check_quantity("vram_total_gb", started.vram_total_gb)):
+        if started.vram_total_gb is not None and (
+            problem := _check_quantity("vram_total_gb", started.vram_total_gb)
+        ):
             return problem
         if started.vram_allocated_gb is not None:
             return _check_quantity("vram_allocated_gb", started.vram_allocated_gb)
@@ -232,12 +262,12 @@ def _check(event: UsageEvent, policy: IngestPolicy, bounds: _TimeBounds) -> tupl
 
 
 def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
-    # Fast path first: one comparison pair for the common, valid case.
-    if _ZERO <= value <= MAX_QUANTITY:
+    # Fast path first: one comparison pair for the common, valid case (NaN cannot be compared).
+    if value.is_finite() and _ZERO <= value <= MAX_QUANTITY:
         return None
     where = f" - at `$.data.{name}`"
-    if value.is_nan():
-        return Reason.SCHEMA_VIOLATION, f"{name} must be a number{where}"
+    if not value.is_finite():
+        return Reason.SCHEMA_VIOLATION, f"{name} must be a finite number, got {value}{where}"
     if value < 0:
         return Reason.NEGATIVE_QUANTITY, f"{name} is {value}, must be >= 0{where}"
     return Reason.SCHEMA_VIOLATION, f"{name} is {value}, must be <= {MAX_QUANTITY}{where}"
@@ -249,7 +279,9 @@ def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
 class IngestTask:
     """Ingest for one ``usage.raw`` partition; stateless, so ``committed`` has nothing to do."""
 
-    def __init__(self, core: IngestCore, input_topic: str, output_topic: str, rejected_topic: str, partition: int):
+    def __init__(
+        self, core: IngestCore, input_topic: str, output_topic: str, rejected_topic: str, partition: int
+    ):
         self.core = core
         self.output_topic = output_topic
         self.rejected_topic = rejected_topic

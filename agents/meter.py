@@ -61,9 +61,13 @@ class DedupeTask:
         messages: list[Outgoing] = []
         if result.marks:
             # First, so its metadata (the changelog offset) is metadata[0] in ``committed``.
-            messages.append(Outgoing(self.changelog_topic, encode_marks(result.marks), partition=self.partition))
+            messages.append(
+                Outgoing(self.changelog_topic, encode_marks(result.marks), partition=self.partition)
+            )
         if result.accepted:
-            messages.append(Outgoing(self.accepted_topic, encode_batch(result.accepted), partition=self.partition))
+            messages.append(
+                Outgoing(self.accepted_topic, encode_batch(result.accepted), partition=self.partition)
+            )
         messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
         counters = {"accepted": len(result.accepted), "duplicates": result.duplicates}
         for rejection in result.rejected:

@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 10.0
 
 
-class StageService(Service):  # type: ignore[misc]  # mode ships no type information
+class StageService(Service):
     """Runs one ``TransactionalLoop`` for the lifetime of the worker."""
 
-    def __init__(self, loop_: TransactionalLoop, **kwargs: object) -> None:
-        self.stage_loop = loop_
-        super().__init__(**kwargs)
+    def __init__(self, stage_loop: TransactionalLoop) -> None:
+        self.stage_loop = stage_loop
+        super().__init__()
 
     @property
     def shortlabel(self) -> str:
@@ -77,6 +77,6 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="exactly_once",
     )
     for stage in stages(settings):
-        service = StageService(TransactionalLoop(settings, stage))
-        app._extra_services.append(service)  # noqa: SLF001  # app.service() takes classes only; ours carry settings
+        # A child service starts and stops with the app (app.service() would take a class only).
+        app.add_dependency(StageService(TransactionalLoop(settings, stage)))
     return app

@@ -15,8 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(help="Tally: streaming metering, rating and settlement for GPU and API usage.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Tally: streaming metering, rating and settlement for GPU and API usage.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 config_app = typer.Typer(help="Show or check the settings (TALLY_* environment variables).")
 topics_app = typer.Typer(help="Kafka topics Tally uses.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -33,7 +36,11 @@ def _settings() -> Settings:
 
 
 @config_app.callback(invoke_without_command=True)
-def config(check: Annotated[bool, typer.Option("--check", help="Only validate; exit 2 listing every problem.")] = False) -> None:
+def config(
+    check: Annotated[
+        bool, typer.Option("--check", help="Only validate; exit 2 listing every problem.")
+    ] = False,
+) -> None:
     """Print the effective settings (passwords masked), or check them."""
     settings = _settings()
     if check:
@@ -89,7 +96,7 @@ def produce(
                 continue
             try:
                 valid.append(event_decoder.decode(line))
-            except Exception:  # noqa: BLE001  # anything not decodable goes to ingest verbatim, which says why
+            except Exception:  # anything not decodable goes to ingest verbatim, which says why
                 raw.append((None, line))
         async with TallyProducer(settings) as producer:
             messages = await producer.send_events(valid)
@@ -119,19 +126,43 @@ def loadgen(
     if accounts_file is not None:
         accounts_file.write_text("\n".join(account_ids(accounts)) + "\n", encoding="utf-8")
     kinds = tuple(k for k in BadKind if k is not BadKind.UNKNOWN_ACCOUNT or settings.accounts_file)
-    plan = LoadPlan(events=events, accounts=accounts, duplicate_fraction=duplicates, bad_fraction=bad,
-                    batch_size=batch_size, bad_kinds=kinds, seed=seed,
-                    max_event_bytes=settings.max_event_bytes, max_message_bytes=settings.max_message_bytes)
+    plan = LoadPlan(
+        events=events,
+        accounts=accounts,
+        duplicate_fraction=duplicates,
+        bad_fraction=bad,
+        batch_size=batch_size,
+        bad_kinds=kinds,
+        seed=seed,
+        max_event_bytes=settings.max_event_bytes,
+        max_message_bytes=settings.max_message_bytes,
+    )
     expected = Expected()
-    with Progress(TextColumn("loadgen"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("loadgen"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         bar = progress.add_task("events", total=events)
-        sent, seconds = asyncio.run(publish(settings, generate(plan, default_now(), expected), rate=rate,
-                                            on_progress=lambda n: progress.advance(bar, n)))
+        sent, seconds = asyncio.run(
+            publish(
+                settings,
+                generate(plan, default_now(), expected),
+                rate=rate,
+                on_progress=lambda n: progress.advance(bar, n),
+            )
+        )
     summary = {
-        "events": expected.events, "messages": expected.messages, "accepted": len(expected.accepted),
-        "duplicates": expected.duplicates, "rejected": dict(sorted(expected.rejected.items())),
-        "seconds": round(seconds, 3), "events_per_s": round(sent / seconds) if seconds else None,
+        "events": expected.events,
+        "messages": expected.messages,
+        "accepted": len(expected.accepted),
+        "duplicates": expected.duplicates,
+        "rejected": dict(sorted(expected.rejected.items())),
+        "seconds": round(seconds, 3),
+        "events_per_s": round(sent / seconds) if seconds else None,
     }
     if manifest is not None:
         manifest.write_text(json.dumps(summary, indent=2), encoding="utf-8")

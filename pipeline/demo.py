@@ -55,8 +55,9 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
     for name, status in await create_topics(settings):
         console.print(f"topic {name}: {status}")
 
-    worker = start_worker(settings, {"TALLY_ACCOUNTS_FILE": str(accounts_file)},
-                          settings.data_dir / "logs" / "demo-worker.log")
+    worker = start_worker(
+        settings, {"TALLY_ACCOUNTS_FILE": str(accounts_file)}, settings.data_dir / "logs" / "demo-worker.log"
+    )
     console.print(f"worker started (pid {worker.pid}), log {settings.data_dir / 'logs' / 'demo-worker.log'}")
     try:
         async with OutputReader(settings) as reader:
@@ -65,9 +66,14 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
             now = default_now()
             started = time.monotonic()
             for shape, batch_size in (("single-event messages", 1), ("100-event batches", 100)):
-                plan = LoadPlan(events=events // 2, accounts=accounts, batch_size=batch_size, seed=batch_size,
-                                max_event_bytes=settings.max_event_bytes,
-                                max_message_bytes=settings.max_message_bytes)
+                plan = LoadPlan(
+                    events=events // 2,
+                    accounts=accounts,
+                    batch_size=batch_size,
+                    seed=batch_size,
+                    max_event_bytes=settings.max_event_bytes,
+                    max_message_bytes=settings.max_message_bytes,
+                )
                 sent, seconds = await publish(settings, generate(plan, now, expected))
                 console.print(f"published {sent:,} events as {shape} in {seconds:.1f} s")
             must_total = len(expected.accepted) + sum(expected.rejected.values())
@@ -80,18 +86,27 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
     table.add_column("expected", justify="right")
     table.add_column("got", justify="right")
     table.add_row("accepted", f"{len(expected.accepted):,}", f"{outputs.accepted:,}")
-    table.add_row("duplicates dropped", f"{expected.duplicates:,}",
-                  f"{expected.events - outputs.total:,}")
+    table.add_row("duplicates dropped", f"{expected.duplicates:,}", f"{expected.events - outputs.total:,}")
     for reason in sorted(set(expected.rejected) | set(outputs.rejected)):
         table.add_row(f"rejected: {reason}", str(expected.rejected[reason]), str(outputs.rejected[reason]))
     console.print(table)
     elapsed = (outputs.last_seen or started) - started
-    console.print(f"{expected.events:,} events in {elapsed:.1f} s from first publish to last output: "
-                  f"{expected.events / elapsed:,.0f} events/s end to end" if elapsed > 0 else "no output")
-    ok = (set(outputs.identities) == expected.accepted and not outputs.repeated
-          and outputs.rejected == expected.rejected)
-    console.print("[green]every event accounted for, exactly once[/green]" if ok
-                  else "[red]outputs differ from what was expected[/red]")
+    console.print(
+        f"{expected.events:,} events in {elapsed:.1f} s from first publish to last output: "
+        f"{expected.events / elapsed:,.0f} events/s end to end"
+        if elapsed > 0
+        else "no output"
+    )
+    ok = (
+        set(outputs.identities) == expected.accepted
+        and not outputs.repeated
+        and outputs.rejected == expected.rejected
+    )
+    console.print(
+        "[green]every event accounted for, exactly once[/green]"
+        if ok
+        else "[red]outputs differ from what was expected[/red]"
+    )
     return 0 if ok else 1
 
 

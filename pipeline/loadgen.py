@@ -172,7 +172,9 @@ class _Generator:
             elif self.rng.random() < plan.wrong_key_fraction:
                 event = self._good()
                 self.expected.accepted.add((event["source"], event["id"]))
-                key = self.rng.choice([None, b"not-an-account", b"\xff\xfe\x00", self.rng.choice(self.accounts).encode()])
+                key = self.rng.choice(
+                    [None, b"not-an-account", b"\xff\xfe\x00", self.rng.choice(self.accounts).encode()]
+                )
                 yield self._message(key, [msgspec.json.encode(event)])
             else:
                 event = self._good()
@@ -253,12 +255,20 @@ class _Generator:
             }
         elif kind < 0.975:
             event["type"] = "session.started.v1"
-            event["data"] = {"session_id": f"sess-{account}-{self.serial}", "resource_tier": "gpu",
-                             "gpu_model": "a100", "vram_total_gb": "80", "vram_allocated_gb": "40"}
+            event["data"] = {
+                "session_id": f"sess-{account}-{self.serial}",
+                "resource_tier": "gpu",
+                "gpu_model": "a100",
+                "vram_total_gb": "80",
+                "vram_allocated_gb": "40",
+            }
         else:
             event["type"] = "session.ended.v1"
-            event["data"] = {"session_id": f"sess-{account}-{self.serial}", "reason": "completed",
-                             "duration_seconds": rng.randint(60, 7200)}
+            event["data"] = {
+                "session_id": f"sess-{account}-{self.serial}",
+                "reason": "completed",
+                "duration_seconds": rng.randint(60, 7200),
+            }
         return event
 
     def _reformatted(self, event: dict[str, Any]) -> bytes:
@@ -297,7 +307,7 @@ class _Generator:
         padding = "x" * (self.plan.max_message_bytes + 1024)
         return good.replace(b'"specversion"', b'"padding":"' + padding.encode() + b'","specversion"', 1)
 
-    def _spoil(self, kind: BadKind, event: dict[str, Any]) -> None:
+    def _spoil(self, kind: BadKind, event: dict[str, Any]) -> None:  # noqa: PLR0912  # one case per kind
         now = self.now
         match kind:
             case BadKind.MISSING_FIELD:
@@ -308,9 +318,17 @@ class _Generator:
                 event["time"] = event["time"].removesuffix("Z")
             case BadKind.VRAM_OVER_TOTAL:
                 event["type"] = "gpu.usage.v1"
-                event["data"] = {"session_id": "s", "provider_id": "p", "node_id": "n", "gpu_model": "h100",
-                                 "vram_total_gb": "80", "vram_allocated_gb": "96", "power_watts": "700",
-                                 "utilization": "0.5", "interval_seconds": 60}
+                event["data"] = {
+                    "session_id": "s",
+                    "provider_id": "p",
+                    "node_id": "n",
+                    "gpu_model": "h100",
+                    "vram_total_gb": "80",
+                    "vram_allocated_gb": "96",
+                    "power_watts": "700",
+                    "utilization": "0.5",
+                    "interval_seconds": 60,
+                }
             case BadKind.HUGE_NUMBER:
                 event["type"] = "api.request.v1"
                 event["data"] = {"endpoint": "/v1/x", "request_count": 10**30}
@@ -321,8 +339,12 @@ class _Generator:
                 event["data"] = {"endpoint": "/v1/x", "request_count": -3}
             case BadKind.NEGATIVE_DECIMAL:
                 event["type"] = "storage.usage.v1"
-                event["data"] = {"storage_kind": "bucket", "resource_id": "r", "gb": "-12.5",
-                                 "duration_seconds": 60}
+                event["data"] = {
+                    "storage_kind": "bucket",
+                    "resource_id": "r",
+                    "gb": "-12.5",
+                    "duration_seconds": 60,
+                }
             case BadKind.TOO_LATE:
                 event["time"] = (now - timedelta(days=40)).isoformat()
             case BadKind.ANCIENT:

@@ -77,33 +77,43 @@ class OutputReader:
         for tp, offset in offsets.items():
             self._consumer.seek(tp, offset)
 
-    async def read_until(self, expected_total: int, idle_timeout_s: float = 30.0) -> Outputs:
-        """Read until ``expected_total`` outputs (accepted + rejected), then a short drain to catch
-        extras (duplicates would show there); or until nothing arrived for ``idle_timeout_s``."""
+    async def poll(self, timeout_ms: int = 200) -> int:
+        """Read what is there now (waiting up to ``timeout_ms``); return how many outputs were read."""
         assert self._consumer is not None
         out = self.outputs
         accepted_topic = self.settings.topic_accepted
+        read = 0
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=50_000)
+        for tp, records in batches.items():
+            for record in records:
+                if tp.topic == accepted_topic:
+                    events = batch_splitter.decode(record.value or b"[]")
+                    out.accepted += len(events)
+                    read += len(events)
+                    if self.keep_identities:
+                        for raw in events:
+                            ident = identity_decoder.decode(raw)
+                            out.identities[(ident.source, ident.id)] += 1
+                else:
+                    out.rejected[reason_of(record.headers) or "missing_reason"] += 1
+                    read += 1
+        if read:
+            out.last_seen = time.monotonic()
+            out.first_seen = out.first_seen or out.last_seen
+        return read
+
+    async def read_until(
+        self, expected_total: int, idle_timeout_s: float = 30.0, drain_s: float = 2.0
+    ) -> Outputs:
+        """Read until ``expected_total`` outputs (accepted + rejected), then ``drain_s`` more to catch
+        extras (a repeated output would show there); or until nothing came for ``idle_timeout_s``."""
         last_progress = time.monotonic()
         drain_until: float | None = None
         while True:
             now = time.monotonic()
-            if drain_until is None and out.total >= expected_total:
-                drain_until = now + 2.0
+            if drain_until is None and self.outputs.total >= expected_total:
+                drain_until = now + drain_s
             if (drain_until is not None and now >= drain_until) or now - last_progress > idle_timeout_s:
-                return out
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=50_000)
-            for tp, records in batches.items():
-                for record in records:
-                    if tp.topic == accepted_topic:
-                        events = batch_splitter.decode(record.value or b"[]")
-                        out.accepted += len(events)
-                        if self.keep_identities:
-                            for raw in events:
-                                ident = identity_decoder.decode(raw)
-                                out.identities[(ident.source, ident.id)] += 1
-                    else:
-                        out.rejected[reason_of(record.headers) or "missing_reason"] += 1
-            if batches:
+                return self.outputs
+            if await self.poll():
                 last_progress = time.monotonic()
-                out.first_seen = out.first_seen or last_progress
-                out.last_seen = last_progress

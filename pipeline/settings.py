@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # Batching of the transactional loops: records per poll and longest wait for a poll.
     poll_max_records: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
     poll_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 200
+    # Consumer group session timeout: how long the group waits for a silent (dead) member before
+    # handing its partitions over. The broker's floor is 6 s (group.min.session.timeout.ms).
+    session_timeout_ms: Annotated[int, Field(ge=6_000, le=300_000)] = 10_000
     # Kafka transaction timeout: a transaction open longer than this is aborted by the broker.
     transaction_timeout_ms: Annotated[int, Field(ge=1_000, le=900_000)] = 60_000
 
@@ -157,7 +160,9 @@ class Settings(BaseSettings):
     @property
     def kafka_bootstrap(self) -> str:
         """``host:port[,host:port]`` for aiokafka."""
-        return ",".join(urlsplit(s if "://" in s else f"kafka://{s}").netloc for s in self.kafka_url.split(","))
+        return ",".join(
+            urlsplit(s if "://" in s else f"kafka://{s}").netloc for s in self.kafka_url.split(",")
+        )
 
     @property
     def state_dir(self) -> Path:
@@ -175,8 +180,9 @@ class Settings(BaseSettings):
         out: dict[str, Any] = {}
         for name, value in self.model_dump().items():
             if name.endswith("_url") and isinstance(value, str):
-                value = mask_url(value)
-            out[name] = str(value) if isinstance(value, Path | timedelta) else value
+                out[name] = mask_url(value)
+            else:
+                out[name] = str(value) if isinstance(value, Path | timedelta) else value
         return out
 
 

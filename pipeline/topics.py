@@ -7,6 +7,7 @@ stay on one partition number all the way down.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -31,18 +32,33 @@ class TopicSpec:
 def declared_topics(settings: Settings) -> list[TopicSpec]:
     horizon_ms = int(settings.dedupe_horizon.total_seconds() * 1000)
     return [
-        TopicSpec(settings.topic_raw, "raw usage from producers, any key, single or batch",
-                  {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)}),
-        TopicSpec(settings.topic_valid, "validated events, batched per partition of murmur2(account)",
-                  {"retention.ms": str(7 * DAY_MS)}),
-        TopicSpec(settings.topic_accepted, "deduplicated events, the input of metering and analytics",
-                  {"retention.ms": str(horizon_ms + DAY_MS)}),
-        TopicSpec(settings.topic_rejected, "dead letters: original bytes + reason headers",
-                  {"retention.ms": str(horizon_ms + DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)}),
+        TopicSpec(
+            settings.topic_raw,
+            "raw usage from producers, any key, single or batch",
+            {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)},
+        ),
+        TopicSpec(
+            settings.topic_valid,
+            "validated events, batched per partition of murmur2(account)",
+            {"retention.ms": str(7 * DAY_MS)},
+        ),
+        TopicSpec(
+            settings.topic_accepted,
+            "deduplicated events, the input of metering and analytics",
+            {"retention.ms": str(horizon_ms + DAY_MS)},
+        ),
+        TopicSpec(
+            settings.topic_rejected,
+            "dead letters: original bytes + reason headers",
+            {"retention.ms": str(horizon_ms + DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)},
+        ),
         # One record per commit holding that commit's marks. Keys are not per mark, so compaction
         # would not shrink it; marks older than the horizon are useless, so plain time retention.
-        TopicSpec(dedupe_changelog_topic(settings), "dedupe marks, one record per transaction",
-                  {"retention.ms": str(horizon_ms + DAY_MS), "cleanup.policy": "delete"}),
+        TopicSpec(
+            dedupe_changelog_topic(settings),
+            "dedupe marks, one record per transaction",
+            {"retention.ms": str(horizon_ms + DAY_MS), "cleanup.policy": "delete"},
+        ),
     ]
 
 
@@ -59,10 +75,9 @@ async def create_topics(settings: Settings) -> list[tuple[str, str]]:
             if s.name not in existing
         ]
         if missing:
-            try:
+            # Another process may create them between our list and create: same outcome.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another process created them between our list and create: same outcome
         created = {t.name for t in missing}
         return [(s.name, "created" if s.name in created else "exists") for s in specs]
     finally:

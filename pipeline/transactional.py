@@ -45,8 +45,6 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Consumer session timeout: how long the group waits for a silent member before rebalancing.
-SESSION_TIMEOUT_MS = 10_000
 # Pause before retrying a partition whose transaction failed for a reason other than fencing.
 RETRY_DELAY_S = 1.0
 
@@ -124,8 +122,8 @@ class TransactionalLoop:
             isolation_level="read_committed",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=SESSION_TIMEOUT_MS // 3,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.session_timeout_ms // 3,
         )
         self._consumer = consumer
         await consumer.start()
@@ -179,13 +177,18 @@ class TransactionalLoop:
             # up again later: at once would fight a new owner that fenced us, so a fenced
             # worker waits a session timeout for the rebalance that hands the partition over.
             fenced = isinstance(exc, ProducerFenced | InvalidProducerEpoch)
-            log.warning("%s: transaction for %s failed (%r); rewinding to offset %d",
-                        self.stage.name, tp, exc, records[0].offset)
+            log.warning(
+                "%s: transaction for %s failed (%r); rewinding to offset %d",
+                self.stage.name,
+                tp,
+                exc,
+                records[0].offset,
+            )
             assert self._consumer is not None
             self._consumer.seek(tp, records[0].offset)
             self._consumer.pause(tp)
             await self._close_partitions({tp})
-            delay = SESSION_TIMEOUT_MS / 1000 if fenced else RETRY_DELAY_S
+            delay = self.settings.session_timeout_ms / 1000 if fenced else RETRY_DELAY_S
             retry = asyncio.get_running_loop().create_task(self._retry(tp, self._generation, delay))
             self._retries.add(retry)
             retry.add_done_callback(self._retries.discard)

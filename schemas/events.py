@@ -46,7 +46,7 @@ Quantity = Annotated[
     Decimal,
     msgspec.Meta(
         description="Non-negative decimal, as a JSON number or a decimal string (exact, never a float).",
-        extra_json_schema={"pattern": r"^[0-9]{1,15}(\.[0-9]{1,12})?$"},
+        extra_json_schema={"minimum": 0, "pattern": r"^[0-9]{1,15}(\.[0-9]{1,12})?$"},
     ),
 ]
 

@@ -32,7 +32,9 @@ class PartitionStore:
         self.path = path
         options = Options(raw_mode=True)
         options.create_if_missing(True)
-        self._db = Rdict(str(path), options=options, access_type=AccessType.with_ttl(int(ttl.total_seconds())))
+        self._db = Rdict(
+            str(path), options=options, access_type=AccessType.with_ttl(int(ttl.total_seconds()))
+        )
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)

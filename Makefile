@@ -1,0 +1,64 @@
+# Tally: `make demo` and `make test` are the two commands a newcomer runs. `make help` lists the rest.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+TALLY := $(VENV)/bin/tally
+LOCAL := deploy/local/tally-local
+# uv must use this machine's Python and never download one.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+
+.PHONY: help install up down status topics lint test test-unit test-integration demo bench schemas clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "install: uv $(UV_VERSION) into $(TOOLS)/ (from PyPI)"
+	@$(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	@echo "install: the locked dependencies into $(VENV)/ (uv sync --frozen)"
+	@$(UV) sync --frozen --quiet
+	@touch $@
+
+install: $(VENV)/.synced ## create the virtualenv and install exactly the locked dependencies
+
+up: install ## start Kafka, Postgres and Redis on loopback (deploy/local) and create the topics
+	@$(LOCAL) start
+	@$(TALLY) topics create
+
+down: ## stop everything `make up` started
+	@$(LOCAL) stop
+
+status: ## show which local services run
+	@$(LOCAL) status
+
+lint: install ## ruff (lint + format check) and mypy --strict
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+
+test-unit: install ## unit tests only (no services)
+	@$(VENV)/bin/pytest tests/unit -q
+
+test: lint up ## lint, then unit, integration and fault tests against the real local services
+	@$(VENV)/bin/pytest tests -q --durations=10
+
+demo: up ## run a worker, publish ~100,000 synthetic events, print what came out
+	@$(TALLY) demo --events 100000
+
+bench: up ## benchmarks: results in bench/results/*.json and bench/README.md
+	@$(VENV)/bin/python -m bench.ingest
+
+schemas: install ## re-export the JSON Schema files from the event models
+	@$(VENV)/bin/python -m schemas.export
+
+clean: down ## stop services and delete the data directory
+	@rm -rf .data

@@ -1,0 +1,102 @@
+"""Dedupe core and its on-disk store."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+
+from agents.dedupe import DedupeResult, decode_marks, dedupe_message, encode_marks, fingerprint, identity_key
+from schemas.events import encode_batch
+from schemas.rejections import Reason
+from sinks.statestore import PartitionStore
+
+
+def event(event_id: str, source: str = "src", amount: int = 1) -> bytes:
+    return msgspec.json.encode(
+        {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": source,
+            "type": "api.request.v1",
+            "time": "2026-11-24T10:00:00Z",
+            "subject": "acct-1",
+            "data": {"endpoint": "/x", "request_count": amount},
+        }
+    )
+
+
+def run(*messages: list[bytes], committed: dict[bytes, bytes] | None = None) -> DedupeResult:
+    store = committed or {}
+    result = DedupeResult()
+    for offset, events in enumerate(messages):
+        dedupe_message(encode_batch(events), f"usage.valid/0/{offset}", store.get, result)
+    return result
+
+
+def test_first_sighting_is_accepted_and_marked() -> None:
+    result = run([event("a"), event("b")])
+    assert result.accepted == [event("a"), event("b")]
+    assert result.marks == {
+        identity_key("src", "a"): fingerprint(event("a")),
+        identity_key("src", "b"): fingerprint(event("b")),
+    }
+
+
+def test_repeat_within_the_transaction_is_a_duplicate() -> None:
+    result = run([event("a"), event("a")], [event("a")])
+    assert result.accepted == [event("a")]
+    assert result.duplicates == 2
+    assert result.rejected == []
+
+
+def test_repeat_of_a_committed_mark_is_a_duplicate() -> None:
+    committed = {identity_key("src", "a"): fingerprint(event("a"))}
+    result = run([event("a"), event("b")], committed=committed)
+    assert result.accepted == [event("b")]
+    assert result.duplicates == 1
+
+
+def test_same_identity_other_payload_is_a_conflict() -> None:
+    committed = {identity_key("src", "a"): fingerprint(event("a"))}
+    result = run([event("a", amount=5)], committed=committed)
+    assert result.accepted == []
+    assert [r.reason for r in result.rejected] == [Reason.ID_CONFLICT]
+    assert result.rejected[0].original == event("a", amount=5)
+    assert result.rejected[0].origin == "usage.valid/0/0#0"
+
+
+def test_identity_is_source_and_id() -> None:
+    result = run([event("a", source="s1"), event("a", source="s2")])
+    assert len(result.accepted) == 2
+
+
+def test_foreign_garbage_on_the_topic_is_rejected_not_raised() -> None:
+    result = DedupeResult()
+    dedupe_message(b"not json", "usage.valid/0/0", {}.get, result)
+    dedupe_message(b'[{"no": "identity"}]', "usage.valid/0/1", {}.get, result)
+    dedupe_message(None, "usage.valid/0/2", {}.get, result)
+    assert [r.reason for r in result.rejected] == [
+        Reason.MALFORMED_JSON,
+        Reason.SCHEMA_VIOLATION,
+        Reason.MALFORMED_JSON,
+    ]
+
+
+def test_marks_round_trip_through_the_changelog_encoding() -> None:
+    marks = {identity_key("s", str(i)): fingerprint(event(str(i))) for i in range(100)}
+    assert decode_marks(encode_marks(marks)) == list(marks.items())
+
+
+def test_store_applies_marks_with_their_changelog_offset_and_survives_reopen(tmp_path: Path) -> None:
+    store = PartitionStore(tmp_path / "p0", ttl=timedelta(days=35))
+    assert store.next_changelog_offset == 0
+    store.apply([(b"k1", b"f1"), (b"k2", b"f2")], next_changelog_offset=7)
+    assert store.get(b"k1") == b"f1"
+    assert store.get(b"missing") is None
+    store.close()
+    reopened = PartitionStore(tmp_path / "p0", ttl=timedelta(days=35))
+    assert reopened.get(b"k2") == b"f2"
+    assert reopened.next_changelog_offset == 7
+    reopened.close()

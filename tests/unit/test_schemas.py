@@ -1,0 +1,47 @@
+"""The committed JSON Schema files are what the models export, and they describe real events."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from schemas.events import EVENT_TYPES, GpuUsageEvent, encoder, event_decoder
+from schemas.export import JSON_DIR, rendered
+
+
+def test_committed_json_schemas_match_the_models() -> None:
+    expected = rendered()
+    committed = {p.name: p.read_text(encoding="utf-8") for p in JSON_DIR.glob("*.schema.json")}
+    assert set(committed) == set(expected), "run `make schemas` and commit schemas/json/"
+    for name, text in expected.items():
+        assert committed[name] == text, f"{name} drifted from schemas/events.py: run `make schemas`"
+
+
+def test_every_event_type_has_a_schema_naming_its_type() -> None:
+    for event_type in EVENT_TYPES:
+        schema = json.loads((JSON_DIR / f"{event_type}.schema.json").read_text(encoding="utf-8"))
+        assert event_type in json.dumps(schema)
+        assert "specversion" in json.dumps(schema)
+
+
+def test_decimal_quantities_accept_numbers_and_strings_exactly() -> None:
+    base = (
+        b'{"specversion":"1.0","id":"e1","source":"s","type":"gpu.usage.v1","time":"2026-11-24T10:00:00Z",'
+        b'"subject":"acct-1","data":{"session_id":"x","provider_id":"p","node_id":"n","gpu_model":"a100",'
+        b'"vram_total_gb":24,"vram_allocated_gb":"12.1","power_watts":350.25,"utilization":0.1,'
+        b'"interval_seconds":60}}'
+    )
+    event = event_decoder.decode(base)
+    assert isinstance(event, GpuUsageEvent)
+    assert str(event.data.vram_allocated_gb) == "12.1"
+    assert str(event.data.power_watts) == "350.25"  # read from the JSON text, not through a float
+    assert str(event.data.utilization) == "0.1"
+    assert b'"power_watts":"350.25"' in encoder.encode(event)
+
+
+@pytest.mark.parametrize("event_type", sorted(EVENT_TYPES))
+def test_schema_files_are_valid_json_objects(event_type: str) -> None:
+    schema = msgspec.json.decode((JSON_DIR / f"{event_type}.schema.json").read_bytes())
+    assert schema["$schema"].startswith("https://json-schema.org/")
