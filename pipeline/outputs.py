@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from agents.ingest import Partitioner
 from pipeline.settings import Settings
 from schemas.events import batch_splitter, identity_decoder
 from schemas.rejections import reason_of
@@ -24,6 +25,8 @@ class Outputs:
     accepted: int = 0
     identities: Counter[tuple[str, str]] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    # Accepted events found on a partition other than murmur2(subject)'s: routing must make this 0.
+    misrouted: int = 0
     first_seen: float | None = None  # monotonic time of the first output read
     last_seen: float | None = None  # monotonic time of the last output read
 
@@ -42,6 +45,7 @@ class OutputReader:
         self.settings = settings
         self.keep_identities = keep_identities
         self.outputs = Outputs()
+        self._partitioner = Partitioner(settings.partitions)
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> OutputReader:
@@ -94,6 +98,8 @@ class OutputReader:
                         for raw in events:
                             ident = identity_decoder.decode(raw)
                             out.identities[(ident.source, ident.id)] += 1
+                            if self._partitioner(ident.subject) != tp.partition:
+                                out.misrouted += 1
                 else:
                     out.rejected[reason_of(record.headers) or "missing_reason"] += 1
                     read += 1

@@ -74,9 +74,10 @@ def test_identity_is_source_and_id() -> None:
 
 def test_foreign_garbage_on_the_topic_is_rejected_not_raised() -> None:
     result = DedupeResult()
-    dedupe_message(b"not json", "usage.valid/0/0", {}.get, result)
-    dedupe_message(b'[{"no": "identity"}]', "usage.valid/0/1", {}.get, result)
-    dedupe_message(None, "usage.valid/0/2", {}.get, result)
+    nothing: dict[bytes, bytes] = {}
+    dedupe_message(b"not json", "usage.valid/0/0", nothing.get, result)
+    dedupe_message(b'[{"no": "identity"}]', "usage.valid/0/1", nothing.get, result)
+    dedupe_message(None, "usage.valid/0/2", nothing.get, result)
     assert [r.reason for r in result.rejected] == [
         Reason.MALFORMED_JSON,
         Reason.SCHEMA_VIOLATION,

@@ -1,0 +1,150 @@
+"""Test harness for the real local services: isolated settings, worker processes, foreign producers.
+
+Integration tests never skip: when Kafka cannot be reached they fail with how to provide it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from pipeline.loadgen import account_ids
+from pipeline.settings import REPO_ROOT, Settings, load_settings
+from pipeline.topics import create_topics
+
+HOW_TO_PROVIDE = (
+    "start the local stack with `make up` (or deploy/local/tally-local start), "
+    "or point TALLY_KAFKA_URL at a Kafka 4.x broker with transactions enabled"
+)
+
+
+def require_kafka(settings: Settings) -> None:
+    host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            return
+    except OSError as exc:
+        raise AssertionError(
+            f"Kafka is not reachable at {settings.kafka_bootstrap} ({exc}): {HOW_TO_PROVIDE}"
+        ) from None
+
+
+def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) -> Settings:
+    """Settings with topics and consumer groups of their own, so counts belong to one test alone."""
+    run = uuid.uuid4().hex[:8]
+    accounts_file = data_dir / "accounts.txt"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    accounts_file.write_text("\n".join(account_ids(accounts)) + "\n", encoding="utf-8")
+    base = load_settings()
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "kafka_url": base.kafka_url,
+        "app_id": f"test-{run}",
+        "topic_raw": f"test-{run}.usage.raw",
+        "topic_valid": f"test-{run}.usage.valid",
+        "topic_accepted": f"test-{run}.usage.accepted",
+        "topic_rejected": f"test-{run}.usage.rejected",
+        "accounts_file": accounts_file,
+        "session_timeout_ms": 6_000,
+        **overrides,
+    }
+    settings = load_settings(**values)
+    require_kafka(settings)
+    asyncio.run(create_topics(settings))
+    return settings
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes a child process load the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            # Durations travel as ISO 8601 (PT300S), the form pydantic reads from a string.
+            text = f"PT{int(value.total_seconds())}S" if isinstance(value, timedelta) else str(value)
+            env[f"TALLY_{name.upper()}"] = text
+    env.update(extra)
+    return env
+
+
+class Worker:
+    """A ``tally worker`` process, as operators run it."""
+
+    def __init__(self, settings: Settings, worker_id: str = "worker-1") -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.log_path = settings.data_dir / "logs" / f"{worker_id}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> Worker:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = settings_env(self.settings, TALLY_WORKER_ID=self.worker_id)
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== start {self.starts + 1} ===\n".encode())
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("tally")), "worker"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+            )
+        self.starts += 1
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, open transactions are left for fencing to abort."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"{self.worker_id} did not stop within {timeout} s; log {self.log_path}"
+            ) from None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            assert self.alive(), (
+                f"{self.worker_id} exited ({self.process and self.process.returncode}):\n{self.log()[-3000:]}"
+            )
+            time.sleep(0.2)
+        raise AssertionError(f"{self.worker_id} never logged {text!r} in {timeout} s:\n{self.log()[-3000:]}")
+
+
+def kafka_tool(
+    main_class: str, *args: str, stdin: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    """Run one of Apache Kafka's own Java tools (a Kafka client that is not Tally's)."""
+    launcher = REPO_ROOT / "deploy" / "local" / "tally-local"
+    return subprocess.run(
+        [str(launcher), "kafka-tool", main_class, *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        check=True,
+    )

@@ -1,0 +1,162 @@
+"""Ingest and dedupe on the real broker: exact counts for 20,000 events of every shape and flaw."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+from aiokafka import AIOKafkaConsumer
+
+from agents.ingest import Partitioner
+from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
+from pipeline.outputs import OutputReader, Outputs
+from pipeline.producer import TallyProducer
+from pipeline.settings import Settings
+from schemas.rejections import Reason
+from tests.harness import Worker, isolated_settings, kafka_tool
+
+
+async def publish_and_read(
+    settings: Settings, plans: list[LoadPlan], foreign_lines: list[bytes], expected: Expected
+) -> Outputs:
+    async with OutputReader(settings) as reader:
+        await reader.start_from(await reader.snapshot())
+        now = default_now()
+        for plan in plans:
+            await publish(settings, generate(plan, now, expected))
+        if foreign_lines:
+            # Apache Kafka's own console producer: no key, one event per message.
+            kafka_tool(
+                "org.apache.kafka.tools.ConsoleProducer",
+                "--bootstrap-server",
+                settings.kafka_bootstrap,
+                "--topic",
+                settings.topic_raw,
+                stdin=b"\n".join(foreign_lines) + b"\n",
+            )
+        must = len(expected.accepted) + sum(expected.rejected.values())
+        return await reader.read_until(must, idle_timeout_s=60, drain_s=3)
+
+
+def test_exact_counts_for_every_shape_and_every_reason(tmp_path: Path) -> None:
+    settings = isolated_settings(tmp_path, accounts=200)
+    limits = {"max_event_bytes": settings.max_event_bytes, "max_message_bytes": settings.max_message_bytes}
+    plans = [
+        LoadPlan(events=9_000, accounts=200, batch_size=1, seed=11, **limits),
+        LoadPlan(events=10_000, accounts=200, batch_size=100, seed=12, **limits),
+    ]
+    # 1,000 clean single events through a foreign client, never repeated (no key: any partition).
+    foreign_expected = Expected()
+    foreign_plan = LoadPlan(events=1_000, accounts=200, bad_fraction=0, duplicate_fraction=0, seed=13)
+    foreign_lines = [m.value for m in generate(foreign_plan, default_now(), foreign_expected)]
+
+    worker = Worker(settings).start()
+    try:
+        expected = Expected()
+        outputs = asyncio.run(publish_and_read(settings, plans, foreign_lines, expected))
+    finally:
+        worker.stop()
+    expected.merge(foreign_expected)
+
+    assert expected.events == 20_000
+    assert set(expected.rejected) == {r.value for r in Reason}, "the load covers every reason code"
+    assert 0.04 * 20_000 < sum(expected.rejected.values()) < 0.06 * 20_000
+    assert 0.04 * 19_000 < expected.duplicates < 0.06 * 19_000
+
+    assert outputs.repeated == {}, "an accepted event came out twice"
+    assert set(outputs.identities) == expected.accepted, "accepted events lost or invented"
+    assert outputs.accepted == len(expected.accepted)
+    assert outputs.rejected == expected.rejected
+    assert outputs.misrouted == 0, "accepted events must sit on murmur2(account)'s partition"
+    assert expected.events - outputs.total == expected.duplicates
+
+
+def test_dead_letters_keep_the_original_bytes_and_say_why(tmp_path: Path) -> None:
+    settings = isolated_settings(tmp_path)
+    worker = Worker(settings).start()
+    bad = [b'{"specversion": "1.0", "id": ', b"\xff\xfe\x00", b'{"specversion":"1.0","type":"gpu.usage.v9"}']
+
+    async def run() -> list[tuple[bytes, dict[str, bytes]]]:
+        async with OutputReader(settings) as reader:
+            start = await reader.snapshot()
+        # Raw bytes, no key (the Java console producer would re-encode invalid UTF-8 as U+FFFD).
+        async with TallyProducer(settings) as producer:
+            await producer.send_raw([(None, value) for value in bad])
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            parts = [tp for tp in start if tp.topic == settings.topic_rejected]
+            consumer.assign(parts)
+            for tp in parts:
+                consumer.seek(tp, start[tp])
+            found: list[tuple[bytes, dict[str, bytes]]] = []
+            for _ in range(300):
+                batches = await consumer.getmany(timeout_ms=200)
+                found += [(r.value, dict(r.headers)) for rs in batches.values() for r in rs]
+                if len(found) >= len(bad):
+                    break
+            return found
+        finally:
+            await consumer.stop()
+
+    try:
+        found = asyncio.run(run())
+    finally:
+        worker.stop()
+    by_value = {value: headers for value, headers in found}
+    assert set(by_value) == set(bad)
+    assert by_value[bad[0]]["tally.reason"] == b"malformed_json"
+    assert by_value[bad[1]]["tally.reason"] == b"malformed_json"
+    assert by_value[bad[2]]["tally.reason"] == b"unknown_type"
+    for headers in by_value.values():
+        assert headers["tally.stage"] == b"ingest"
+        assert headers["tally.origin"].startswith(settings.topic_raw.encode() + b"/")
+        assert headers["tally.detail"]
+
+
+def test_python_partitioner_agrees_with_the_java_producer(tmp_path: Path) -> None:
+    settings = isolated_settings(tmp_path)
+    keys = [f"acct-{i:05d}" for i in range(60)]
+    lines = b"\n".join(f"{k}|x".encode() for k in keys) + b"\n"
+    kafka_tool(
+        "org.apache.kafka.tools.ConsoleProducer",
+        "--bootstrap-server",
+        settings.kafka_bootstrap,
+        "--topic",
+        settings.topic_raw,
+        "--property",
+        "parse.key=true",
+        "--property",
+        "key.separator=|",
+        stdin=lines,
+    )
+
+    async def read() -> dict[str, int]:
+        consumer = AIOKafkaConsumer(
+            settings.topic_raw,
+            bootstrap_servers=settings.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            seen: dict[str, int] = {}
+            for _ in range(100):
+                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                    seen.update({r.key.decode(): tp.partition for r in records})
+                if len(seen) == len(keys):
+                    break
+            return seen
+        finally:
+            await consumer.stop()
+
+    seen = asyncio.run(read())
+    partitioner = Partitioner(settings.partitions)
+    assert seen == {k: partitioner(k) for k in keys}
+    assert len(set(seen.values())) > 1
+    assert msgspec.json.encode(sorted(seen)) == msgspec.json.encode(sorted(keys))
