@@ -41,11 +41,14 @@ async def publish_and_read(
 
 def test_exact_counts_for_every_shape_and_every_reason(tmp_path: Path) -> None:
     settings = isolated_settings(tmp_path, accounts=200)
-    limits = {"max_event_bytes": settings.max_event_bytes, "max_message_bytes": settings.max_message_bytes}
     plans = [
-        LoadPlan(events=9_000, accounts=200, batch_size=1, seed=11, **limits),
-        LoadPlan(events=10_000, accounts=200, batch_size=100, seed=12, **limits),
+        LoadPlan(events=9_000, accounts=200, batch_size=1, seed=11),
+        LoadPlan(events=10_000, accounts=200, batch_size=100, seed=12),
     ]
+    assert (plans[0].max_event_bytes, plans[0].max_message_bytes) == (
+        settings.max_event_bytes,
+        settings.max_message_bytes,
+    )
     # 1,000 clean single events through a foreign client, never repeated (no key: any partition).
     foreign_expected = Expected()
     foreign_plan = LoadPlan(events=1_000, accounts=200, bad_fraction=0, duplicate_fraction=0, seed=13)
