@@ -117,7 +117,9 @@ async def restore(settings: Settings, topic: str, partition: int, store: Partiti
             return 0
         consumer.seek(tp, start)
         while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=RESTORE_BATCH)
+            # Short waits: the last offsets before ``end`` are often transaction markers, which
+            # move the position without returning a record (a long wait would idle here).
+            batch = await consumer.getmany(tp, timeout_ms=50, max_records=RESTORE_BATCH)
             for record in batch.get(tp, []):
                 if record.offset >= end:
                     break

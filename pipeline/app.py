@@ -24,21 +24,22 @@ log = logging.getLogger(__name__)
 
 # How often each stage logs its counters.
 REPORT_INTERVAL_S = 10.0
+# Longest wait for a stage to finish its transaction in flight when the worker stops.
+STOP_TIMEOUT_S = 30.0
 
 
 class StageService(Service):
-    """Runs one ``TransactionalLoop`` for the lifetime of the worker."""
+    """Runs one ``TransactionalLoop`` for the lifetime of the worker.
 
-    def __init__(self, stage_loop: TransactionalLoop) -> None:
-        self.stage_loop = stage_loop
-        super().__init__()
+    Registered with ``app.service``, which takes a class: ``service_for`` makes one per stage. Such
+    services start after Faust's own and stop before them, so a stopping worker first finishes its
+    transaction in flight and leaves its consumer groups (a quick hand-over to the other workers).
+    """
 
-    @property
-    def shortlabel(self) -> str:
-        return f"stage:{self.stage_loop.stage.name}"
+    stage_loop: TransactionalLoop
 
     async def on_start(self) -> None:
-        self.add_future(self._run())
+        self._running = self.add_future(self._run())
         self.add_future(self._report())
 
     async def _run(self) -> None:
@@ -57,6 +58,16 @@ class StageService(Service):
 
     async def on_stop(self) -> None:
         self.stage_loop.stop()
+        # The loop ends its poll (at most poll_timeout_ms), finishes the transaction in flight,
+        # releases its partitions and leaves the group.
+        await asyncio.wait({self._running}, timeout=STOP_TIMEOUT_S)
+
+
+def service_for(stage_loop: TransactionalLoop) -> type[StageService]:
+    name = f"{stage_loop.stage.name.title()}Service"
+    return type(
+        name, (StageService,), {"stage_loop": stage_loop, "shortlabel": f"stage:{stage_loop.stage.name}"}
+    )
 
 
 def stages(settings: Settings) -> list[Stage]:
@@ -75,8 +86,11 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         processing_guarantee="exactly_once",
+        # Faust's own consumer group: a killed worker's member must not hold it (and a restarted
+        # worker's shutdown) for Faust's default 60 s.
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.session_timeout_ms / 3000,
     )
     for stage in stages(settings):
-        # A child service starts and stops with the app (app.service() would take a class only).
-        app.add_dependency(StageService(TransactionalLoop(settings, stage)))
+        app.service(service_for(TransactionalLoop(settings, stage)))
     return app
