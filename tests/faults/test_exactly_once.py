@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.outputs import OutputReader, Outputs
 from pipeline.settings import Settings
-from tests.harness import Worker, isolated_settings
+from pipeline.testing import Worker, isolated_settings
 
 # Events per run, and the publish rate that spreads them over ~30 s so faults land mid-stream.
 EVENTS = 60_000

@@ -13,8 +13,8 @@ from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.outputs import OutputReader, Outputs
 from pipeline.producer import TallyProducer
 from pipeline.settings import Settings
+from pipeline.testing import Worker, isolated_settings, kafka_tool
 from schemas.rejections import Reason
-from tests.harness import Worker, isolated_settings, kafka_tool
 
 
 async def publish_and_read(

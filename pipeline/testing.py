@@ -1,6 +1,7 @@
-"""Test harness for the real local services: isolated settings, worker processes, foreign producers.
+"""Harness for tests and benches against the real services, shipped with Tally (as bytewax ships
+its testing sources and sinks): isolated settings, worker processes, Apache Kafka's own clients.
 
-Integration tests never skip: when Kafka cannot be reached they fail with how to provide it.
+Nothing here skips: when Kafka cannot be reached it fails with how to provide it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ HOW_TO_PROVIDE = (
 )
 
 
+class ServiceUnavailableError(RuntimeError):
+    """A real service the caller needs cannot be reached."""
+
+
 def require_kafka(settings: Settings) -> None:
     host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=3):
             return
     except OSError as exc:
-        raise AssertionError(
+        raise ServiceUnavailableError(
             f"Kafka is not reachable at {settings.kafka_bootstrap} ({exc}): {HOW_TO_PROVIDE}"
         ) from None
 
@@ -89,7 +94,7 @@ class Worker:
         env = settings_env(self.settings, TALLY_WORKER_ID=self.worker_id)
         with self.log_path.open("ab") as log:
             log.write(f"\n=== start {self.starts + 1} ===\n".encode())
-            self.process = subprocess.Popen(
+            self.process = subprocess.Popen(  # noqa: S603  # our own entry point, no shell
                 [str(Path(sys.executable).with_name("tally")), "worker"],
                 env=env,
                 stdout=log,
@@ -114,7 +119,7 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(
+            raise RuntimeError(
                 f"{self.worker_id} did not stop within {timeout} s; log {self.log_path}"
             ) from None
 
@@ -133,7 +138,7 @@ class Worker:
                 f"{self.worker_id} exited ({self.process and self.process.returncode}):\n{self.log()[-3000:]}"
             )
             time.sleep(0.2)
-        raise AssertionError(f"{self.worker_id} never logged {text!r} in {timeout} s:\n{self.log()[-3000:]}")
+        raise RuntimeError(f"{self.worker_id} never logged {text!r} in {timeout} s:\n{self.log()[-3000:]}")
 
 
 def kafka_tool(
@@ -141,7 +146,7 @@ def kafka_tool(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run one of Apache Kafka's own Java tools (a Kafka client that is not Tally's)."""
     launcher = REPO_ROOT / "deploy" / "local" / "tally-local"
-    return subprocess.run(
+    return subprocess.run(  # noqa: S603  # the project's launcher, arguments as a list, no shell
         [str(launcher), "kafka-tool", main_class, *args],
         input=stdin,
         capture_output=True,
