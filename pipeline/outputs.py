@@ -41,8 +41,11 @@ class Outputs:
 
 
 class OutputReader:
-    def __init__(self, settings: Settings, *, keep_identities: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, keep_identities: bool = True, isolation_level: str = "read_committed"
+    ) -> None:
         self.settings = settings
+        self.isolation_level = isolation_level
         self.keep_identities = keep_identities
         self.outputs = Outputs()
         self._partitioner = Partitioner(settings.partitions)
@@ -52,7 +55,7 @@ class OutputReader:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             enable_auto_commit=False,
-            isolation_level="read_committed",
+            isolation_level=self.isolation_level,
             auto_offset_reset="earliest",
             fetch_max_bytes=32 * 1024 * 1024,
             max_partition_fetch_bytes=8 * 1024 * 1024,
