@@ -4,8 +4,11 @@ An event's identity is (source, id) (DESIGN.md "Identity"). Ingest already route
 account, so all events of an account, and so every repeat of one (source, id) sent for that
 account, reach the same partition, in order. Per event:
 
-1. fingerprint the normalized bytes ingest wrote (blake2b-128: ingest's canonical encoding makes
-   equal payloads byte-equal, whatever spacing, key order or UTC offset the producer used);
+1. fingerprint the normalized bytes ingest wrote (xxh3-128, ~0.07 us against ~0.6 us for
+   blake2b here; ingest's canonical encoding makes equal payloads byte-equal, whatever spacing, key
+   order or UTC offset the producer used). It is not a cryptographic hash: a producer could forge
+   a different payload with an equal fingerprint under an id it already used, and lose only its
+   own event (dropped as a duplicate instead of dead-lettered as a conflict);
 2. look the identity up, first in this transaction's pending marks, then in the partition store;
 3. unseen -> accepted, and a mark (identity -> fingerprint) is added to the pending marks;
    seen with the same fingerprint -> duplicate, dropped and counted;
@@ -19,11 +22,11 @@ the consumed offsets in one Kafka transaction, and only then applies the marks t
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
+import xxhash
 
 from schemas.events import batch_splitter, identity_decoder
 from schemas.rejections import Reason, Rejection, Stage
@@ -36,7 +39,8 @@ marks_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
 
 @dataclass(slots=True)
 class DedupeResult:
-    accepted: list[bytes] = field(default_factory=list)
+    # Accepted events as slices of the input (msgspec.Raw): joined into the output without a copy.
+    accepted: list[bytes | msgspec.Raw] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     duplicates: int = 0
     # identity -> fingerprint, first sighting in this transaction; insertion-ordered.
@@ -48,8 +52,9 @@ def identity_key(source: str, event_id: str) -> bytes:
     return f"{source}\x00{event_id}".encode()
 
 
-def fingerprint(normalized_event: bytes) -> bytes:
-    return hashlib.blake2b(normalized_event, digest_size=FINGERPRINT_BYTES).digest()
+def fingerprint(normalized_event: bytes | msgspec.Raw) -> bytes:
+    digest: bytes = xxhash.xxh3_128_digest(normalized_event)
+    return digest
 
 
 def dedupe_message(

@@ -166,19 +166,19 @@ class IngestCore:
                 result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), value, origin))
                 return
             for index, element in enumerate(elements):
-                self._one(bytes(element), origin, index, result)
+                try:
+                    self._event(element, origin, index, result)
+                except (
+                    Exception
+                ) as exc:  # last line of defence: a poison event must not crash-loop the worker
+                    _unexpected(exc, bytes(element), origin, index, result)
         else:
-            self._one(value, origin, None, result)
+            try:
+                self._event(value, origin, None, result)
+            except Exception as exc:  # as above
+                _unexpected(exc, value, origin, None, result)
 
-    def _one(self, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
-        try:
-            self._event(raw, origin, index, result)
-        except Exception as exc:  # last line of defence: a poison event must not crash-loop the worker
-            log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, index)
-            detail = f"could not be processed: {exc!r}"
-            result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, raw, origin, index))
-
-    def _event(self, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
+    def _event(self, raw: bytes | msgspec.Raw, origin: str, index: int | None, result: IngestResult) -> None:
         policy = self.policy
         if len(raw) > policy.max_event_bytes:
             detail = f"event of {len(raw)} bytes exceeds {policy.max_event_bytes}"
@@ -201,9 +201,19 @@ class IngestCore:
         result.accepted.add(self.partitioner(event.subject), encoder.encode(event))
 
 
-def _reject(reason: Reason, detail: str, raw: bytes, origin: str, index: int | None = None) -> Rejection:
+def _reject(
+    reason: Reason, detail: str, raw: bytes | msgspec.Raw, origin: str, index: int | None = None
+) -> Rejection:
     where = origin if index is None else f"{origin}#{index}"
-    return Rejection(reason=reason, detail=detail, original=raw, origin=where, stage=Stage.INGEST)
+    original = raw if isinstance(raw, bytes) else bytes(raw)
+    return Rejection(reason=reason, detail=detail, original=original, origin=where, stage=Stage.INGEST)
+
+
+def _unexpected(exc: Exception, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
+    log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, index)
+    result.rejected.append(
+        _reject(Reason.SCHEMA_VIOLATION, f"could not be processed: {exc!r}", raw, origin, index)
+    )
 
 
 def _classify(message: str) -> Reason:

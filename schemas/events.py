@@ -15,6 +15,7 @@ msgspec's range constraints apply to int and float only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -178,6 +179,6 @@ batch_splitter: msgspec.json.Decoder[list[msgspec.Raw]] = msgspec.json.Decoder(l
 encoder = msgspec.json.Encoder(decimal_format="string")
 
 
-def encode_batch(events: list[bytes]) -> bytes:
+def encode_batch(events: Sequence[bytes | msgspec.Raw]) -> bytes:
     """Join already-encoded events into one CloudEvents batch without re-encoding them."""
     return b"[" + b",".join(events) + b"]"

@@ -14,7 +14,7 @@ a sweep.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,10 +35,8 @@ class PartitionStore:
         self._db = Rdict(
             str(path), options=options, access_type=AccessType.with_ttl(int(ttl.total_seconds()))
         )
-
-    def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = self._db.get(key)
-        return value
+        # The bound method itself: one Python frame less per lookup on the hot path.
+        self.get: Callable[[bytes], bytes | None] = self._db.get
 
     @property
     def next_changelog_offset(self) -> int:
