@@ -32,6 +32,8 @@ from schemas.events import batch_splitter, identity_decoder
 from schemas.rejections import Reason, Rejection, Stage
 
 FINGERPRINT_BYTES = 16
+# A changelog record is cut at about this size (Kafka's default max.message.bytes is 1 MiB).
+MARKS_RECORD_BYTES = 512 * 1024
 
 marks_encoder = msgspec.msgpack.Encoder()
 marks_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
@@ -100,8 +102,21 @@ def dedupe_message(
             result.rejected.append(_reject(Reason.ID_CONFLICT, detail, raw, f"{origin}#{index}"))
 
 
-def encode_marks(marks: dict[bytes, bytes]) -> bytes:
-    return marks_encoder.encode(list(marks.items()))
+def encode_marks(marks: dict[bytes, bytes], limit: int = MARKS_RECORD_BYTES) -> list[bytes]:
+    """The changelog records for ``marks``: msgpack lists of (identity, fingerprint), each record
+    under ``limit`` bytes (identities are at most ~770 bytes, so a record holds thousands)."""
+    records: list[bytes] = []
+    chunk: list[tuple[bytes, bytes]] = []
+    size = 0
+    for item in marks.items():
+        size += len(item[0]) + FINGERPRINT_BYTES + 8  # msgpack framing: a few bytes per item
+        chunk.append(item)
+        if size >= limit:
+            records.append(marks_encoder.encode(chunk))
+            chunk, size = [], 0
+    if chunk:
+        records.append(marks_encoder.encode(chunk))
+    return records
 
 
 def decode_marks(value: bytes) -> list[tuple[bytes, bytes]]:

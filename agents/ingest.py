@@ -35,11 +35,13 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
 from schemas.events import (
+    MAX_BATCH_BYTES,
     GpuUsageEvent,
     SessionStartedEvent,
     StorageUsageEvent,
     UsageEvent,
     batch_splitter,
+    cut_by_size,
     encode_batch,
     encoder,
     event_decoder,
@@ -51,8 +53,6 @@ log = logging.getLogger(__name__)
 # Largest decimal quantity accepted in one event (10^15 GB or W is a producer bug, not usage).
 MAX_QUANTITY = Decimal(10) ** 15
 _ZERO = Decimal(0)
-# Output messages are cut at this size, well under Kafka's 1 MiB default max.message.bytes.
-MAX_OUTPUT_MESSAGE_BYTES = 512 * 1024
 # Partition numbers cached per account; cleared when it grows past this (bounded memory).
 PARTITION_CACHE_SIZE = 1_000_000
 
@@ -73,25 +73,23 @@ class PartitionedBatches:
     """Accepted events re-batched per destination partition, cut into messages of bounded size."""
 
     partitions: int
-    max_message_bytes: int = MAX_OUTPUT_MESSAGE_BYTES
-    _open: dict[int, list[bytes]] = field(default_factory=dict)
-    _open_size: dict[int, int] = field(default_factory=dict)
-    _closed: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    max_message_bytes: int = MAX_BATCH_BYTES
+    _events: dict[int, list[bytes]] = field(default_factory=dict)
     count: int = 0
 
     def add(self, partition: int, event: bytes) -> None:
-        size = self._open_size.get(partition, 0) + len(event) + 1
-        if size > self.max_message_bytes and partition in self._open:
-            self._closed.append((partition, self._open.pop(partition)))
-            size = len(event) + 1
-        self._open.setdefault(partition, []).append(event)
-        self._open_size[partition] = size
+        events = self._events.get(partition)
+        if events is None:
+            self._events[partition] = [event]
+        else:
+            events.append(event)
         self.count += 1
 
-    def messages(self) -> Iterator[tuple[int, list[bytes]]]:
-        """(partition, events) per output message, closed ones first."""
-        yield from self._closed
-        yield from self._open.items()
+    def messages(self) -> Iterator[tuple[int, Sequence[bytes]]]:
+        """(partition, events) per output message, each under ``max_message_bytes`` when joined."""
+        for partition, events in self._events.items():
+            for chunk in cut_by_size(events, self.max_message_bytes):
+                yield partition, chunk
 
 
 class Partitioner:
@@ -99,15 +97,15 @@ class Partitioner:
 
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
-        self._cache: dict[str, int] = {}
+        self.cache: dict[str, int] = {}
 
     def __call__(self, account: str) -> int:
-        partition = self._cache.get(account)
+        partition = self.cache.get(account)
         if partition is None:
             partition = (murmur2(account.encode()) & 0x7FFFFFFF) % self.partitions
-            if len(self._cache) >= PARTITION_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[account] = partition
+            if len(self.cache) >= PARTITION_CACHE_SIZE:
+                self.cache.clear()
+            self.cache[account] = partition
         return partition
 
 
@@ -141,64 +139,69 @@ class IngestCore:
 
     def process(self, value: bytes | None, origin: str, result: IngestResult) -> None:
         """Validate one Kafka record's value (one event or a batch) into ``result``."""
-        if not value:
-            result.rejected.append(_reject(Reason.MALFORMED_JSON, "empty message", b"", origin))
-            return
-        if len(value) > self.policy.max_message_bytes:
-            detail = f"message of {len(value)} bytes exceeds {self.policy.max_message_bytes}"
-            result.rejected.append(_reject(Reason.OVERSIZED, detail, value, origin))
-            return
-        try:
-            self._message(value, origin, result)
-        except Exception as exc:  # last line of defence: a poison message must not crash-loop the worker
-            log.exception("ingest: unexpected error on %s; dead-lettered", origin)
-            detail = f"could not be processed: {exc!r}"
-            result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, value, origin))
-
-    def _message(self, value: bytes, origin: str, result: IngestResult) -> None:
-        if value.lstrip(_WHITESPACE)[:1] == b"[":
-            try:
-                elements = batch_splitter.decode(value)
-            except msgspec.DecodeError as exc:
-                result.rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), value, origin))
-                return
-            except msgspec.ValidationError as exc:  # pragma: no cover - list[Raw] accepts any array
-                result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), value, origin))
-                return
-            for index, element in enumerate(elements):
-                try:
-                    self._event(element, origin, index, result)
-                except (
-                    Exception
-                ) as exc:  # last line of defence: a poison event must not crash-loop the worker
-                    _unexpected(exc, bytes(element), origin, index, result)
-        else:
-            try:
-                self._event(value, origin, None, result)
-            except Exception as exc:  # as above
-                _unexpected(exc, value, origin, None, result)
-
-    def _event(self, raw: bytes | msgspec.Raw, origin: str, index: int | None, result: IngestResult) -> None:
         policy = self.policy
-        if len(raw) > policy.max_event_bytes:
-            detail = f"event of {len(raw)} bytes exceeds {policy.max_event_bytes}"
-            result.rejected.append(_reject(Reason.OVERSIZED, detail, raw, origin, index))
+        split = _split(value, origin, policy.max_message_bytes, result)
+        if split is None:
             return
-        try:
-            event = event_decoder.decode(raw)
-        except msgspec.ValidationError as exc:
-            result.rejected.append(_reject(_classify(str(exc)), str(exc), raw, origin, index))
-            return
-        except msgspec.DecodeError as exc:
-            result.rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), raw, origin, index))
-            return
-        problem = _check(event, policy, result.bounds)
-        if problem is not None:
-            result.rejected.append(_reject(problem[0], problem[1], raw, origin, index))
-            return
-        if event.time.utcoffset():
-            event.time = event.time.astimezone(UTC)
-        result.accepted.add(self.partitioner(event.subject), encoder.encode(event))
+        elements, batch = split
+        # The per-event loop, with everything it touches bound to locals (~0.5 us per event saved
+        # against a method call per event and attribute lookups, measured here).
+        max_event_bytes = policy.max_event_bytes
+        bounds = result.bounds
+        rejected = result.rejected
+        decode = event_decoder.decode
+        encode = encoder.encode
+        add = result.accepted.add
+        cached_partition = self.partitioner.cache.get
+        partition_of = self.partitioner
+        for index, raw in enumerate(elements):
+            where = index if batch else None
+            try:
+                if len(raw) > max_event_bytes:
+                    detail = f"event of {len(raw)} bytes exceeds {max_event_bytes}"
+                    rejected.append(_reject(Reason.OVERSIZED, detail, raw, origin, where))
+                    continue
+                try:
+                    event = decode(raw)
+                except msgspec.ValidationError as exc:
+                    rejected.append(_reject(_classify(str(exc)), str(exc), raw, origin, where))
+                    continue
+                except msgspec.DecodeError as exc:
+                    rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), raw, origin, where))
+                    continue
+                problem = _check(event, policy, bounds)
+                if problem is not None:
+                    rejected.append(_reject(problem[0], problem[1], raw, origin, where))
+                    continue
+                if event.time.utcoffset():
+                    event.time = event.time.astimezone(UTC)
+                partition = cached_partition(event.subject)
+                add(partition_of(event.subject) if partition is None else partition, encode(event))
+            except Exception as exc:  # last line of defence: a poison event must not crash-loop the worker
+                log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, where)
+                detail = f"could not be processed: {exc!r}"
+                rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, raw, origin, where))
+
+
+def _split(
+    value: bytes | None, origin: str, max_message_bytes: int, result: IngestResult
+) -> tuple[Sequence[bytes | msgspec.Raw], bool] | None:
+    """A message's events (raw, not decoded yet) and whether it was a batch; ``None`` when the
+    whole message is rejected (empty, oversized, or a JSON array that does not parse)."""
+    if not value:
+        result.rejected.append(_reject(Reason.MALFORMED_JSON, "empty message", b"", origin))
+        return None
+    if len(value) > max_message_bytes:
+        detail = f"message of {len(value)} bytes exceeds {max_message_bytes}"
+        result.rejected.append(_reject(Reason.OVERSIZED, detail, value, origin))
+        return None
+    if value.lstrip(_WHITESPACE)[:1] != b"[":
+        return (value,), False
+    try:
+        return batch_splitter.decode(value), True
+    except msgspec.DecodeError as exc:
+        result.rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), value, origin))
+        return None
 
 
 def _reject(
@@ -207,13 +210,6 @@ def _reject(
     where = origin if index is None else f"{origin}#{index}"
     original = raw if isinstance(raw, bytes) else bytes(raw)
     return Rejection(reason=reason, detail=detail, original=original, origin=where, stage=Stage.INGEST)
-
-
-def _unexpected(exc: Exception, raw: bytes, origin: str, index: int | None, result: IngestResult) -> None:
-    log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, index)
-    result.rejected.append(
-        _reject(Reason.SCHEMA_VIOLATION, f"could not be processed: {exc!r}", raw, origin, index)
-    )
 
 
 def _classify(message: str) -> Reason:

@@ -30,7 +30,7 @@ from agents.dedupe import DedupeResult, decode_marks, dedupe_message, encode_mar
 from agents.ingest import rejection_message
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
-from schemas.events import encode_batch
+from schemas.events import cut_by_size, encode_batch
 from sinks.statestore import PartitionStore
 
 log = logging.getLogger(__name__)
@@ -58,26 +58,27 @@ class DedupeTask:
         prefix = self.origin_prefix
         for record in records:
             dedupe_message(record.value, f"{prefix}{record.offset}", lookup, result)
-        messages: list[Outgoing] = []
-        if result.marks:
-            # First, so its metadata (the changelog offset) is metadata[0] in ``committed``.
-            messages.append(
-                Outgoing(self.changelog_topic, encode_marks(result.marks), partition=self.partition)
-            )
-        if result.accepted:
-            messages.append(
-                Outgoing(self.accepted_topic, encode_batch(result.accepted), partition=self.partition)
-            )
+        # Changelog records first, so their metadata leads in ``committed``; every message is cut
+        # to a bounded size (one poll can bring ~20 MiB of events for a partition).
+        messages = [
+            Outgoing(self.changelog_topic, record, partition=self.partition)
+            for record in encode_marks(result.marks)
+        ]
+        changelog_records = len(messages)
+        messages.extend(
+            Outgoing(self.accepted_topic, encode_batch(chunk), partition=self.partition)
+            for chunk in cut_by_size(result.accepted)
+        )
         messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
         counters = {"accepted": len(result.accepted), "duplicates": result.duplicates}
         for rejection in result.rejected:
             counters[f"rejected.{rejection.reason}"] = counters.get(f"rejected.{rejection.reason}", 0) + 1
-        return Outcome(messages, state=result.marks, counters=counters)
+        return Outcome(messages, state=(result.marks, changelog_records), counters=counters)
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
-        marks: dict[bytes, bytes] = outcome.state
+        marks, changelog_records = outcome.state
         if marks:
-            self.store.apply(marks.items(), metadata[0].offset + 1)
+            self.store.apply(marks.items(), metadata[changelog_records - 1].offset + 1)
 
     def close(self) -> None:
         self.store.close()

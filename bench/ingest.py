@@ -228,12 +228,17 @@ def write_readme(results: list[dict[str, Any]]) -> None:
 def main() -> None:
     work = Path(os.environ.get("TALLY_BENCH_DIR", REPO_ROOT / ".data" / "bench"))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results = []
-    for shape in SHAPES:
+    shapes = sys.argv[1:] or list(SHAPES)  # e.g. `python -m bench.ingest batch`
+    results = [
+        json.loads(p.read_text())
+        for p in sorted(RESULTS.glob("ingest-*.json"))
+        if p.stem.removeprefix("ingest-") in SHAPES and p.stem.removeprefix("ingest-") not in shapes
+    ]
+    for shape in shapes:
         result = run_shape(shape, work)
         (RESULTS / f"{result['name']}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         results.append(result)
-    write_readme(results)
+    write_readme(sorted(results, key=lambda r: str(r["name"]), reverse=True))
     print(json.dumps(results, indent=2))
 
 

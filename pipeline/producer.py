@@ -17,10 +17,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
 from pipeline.settings import Settings
-from schemas.events import UsageEvent, encode_batch, encoder
-
-# Batches are cut at this size: well under the topic's message limit.
-MAX_BATCH_BYTES = 512 * 1024
+from schemas.events import UsageEvent, cut_by_size, encode_batch, encoder
 
 
 class TallyProducer:
@@ -53,7 +50,7 @@ class TallyProducer:
         messages: list[tuple[bytes, bytes]] = []
         for account, encoded in per_account.items():
             key = account.encode()
-            messages.extend((key, encode_batch(chunk)) for chunk in chunk_by_size(encoded, MAX_BATCH_BYTES))
+            messages.extend((key, encode_batch(chunk)) for chunk in cut_by_size(encoded))
         await self.send_raw(messages)
         return len(messages)
 
@@ -61,17 +58,3 @@ class TallyProducer:
         """Publish pre-encoded (key, value) messages as they are; wait for every acknowledgement."""
         futures = [await self._producer.send(self.topic, value, key=key) for key, value in messages]
         return list(await asyncio.gather(*futures))
-
-
-def chunk_by_size(items: list[bytes], limit: int) -> Iterable[list[bytes]]:
-    """Split encoded events into runs whose joined size stays under ``limit`` (one item at least)."""
-    chunk: list[bytes] = []
-    size = 2
-    for item in items:
-        if chunk and size + len(item) + 1 > limit:
-            yield chunk
-            chunk, size = [], 2
-        chunk.append(item)
-        size += len(item) + 1
-    if chunk:
-        yield chunk

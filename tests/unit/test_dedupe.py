@@ -85,9 +85,19 @@ def test_foreign_garbage_on_the_topic_is_rejected_not_raised() -> None:
     ]
 
 
-def test_marks_round_trip_through_the_changelog_encoding() -> None:
+def test_marks_round_trip_through_the_changelog_encoding_in_bounded_records() -> None:
     marks = {identity_key("s", str(i)): fingerprint(event(str(i))) for i in range(100)}
-    assert decode_marks(encode_marks(marks)) == list(marks.items())
+    (record,) = encode_marks(marks)
+    assert decode_marks(record) == list(marks.items())
+    many = {identity_key("source", f"event-{i:08d}"): fingerprint(event(str(i))) for i in range(50_000)}
+    records = encode_marks(many, limit=100_000)
+    assert len(records) > 10
+    assert all(len(r) < 110_000 for r in records)
+    assert [item for r in records for item in decode_marks(r)] == list(many.items())
+
+
+def test_nothing_to_mark_writes_no_changelog_record() -> None:
+    assert encode_marks({}) == []
 
 
 def test_store_applies_marks_with_their_changelog_offset_and_survives_reopen(tmp_path: Path) -> None:
