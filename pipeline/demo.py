@@ -8,12 +8,7 @@ Starts a worker process, publishes synthetic usage (half as single-event message
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -21,30 +16,8 @@ from rich.table import Table
 from pipeline.loadgen import Expected, LoadPlan, account_ids, default_now, generate, publish
 from pipeline.outputs import OutputReader
 from pipeline.settings import Settings
+from pipeline.testing import Worker
 from pipeline.topics import create_topics
-
-
-def tally_executable() -> str:
-    """The ``tally`` script of the running environment."""
-    return str(Path(sys.executable).with_name("tally"))
-
-
-def start_worker(settings: Settings, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        return subprocess.Popen(  # noqa: S603  # our own entry point, no shell
-            [tally_executable(), "worker"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
-        )
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def run_demo(settings: Settings, *, events: int, accounts: int, console: Console) -> int:
@@ -55,10 +28,9 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
     for name, status in await create_topics(settings):
         console.print(f"topic {name}: {status}")
 
-    worker = start_worker(
-        settings, {"TALLY_ACCOUNTS_FILE": str(accounts_file)}, settings.data_dir / "logs" / "demo-worker.log"
-    )
-    console.print(f"worker started (pid {worker.pid}), log {settings.data_dir / 'logs' / 'demo-worker.log'}")
+    worker = Worker(settings, "demo-worker").start()
+    assert worker.process is not None
+    console.print(f"worker started (pid {worker.process.pid}), log {worker.log_path}")
     try:
         async with OutputReader(settings) as reader:
             await reader.start_from(await reader.snapshot())
@@ -79,7 +51,7 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
             must_total = len(expected.accepted) + sum(expected.rejected.values())
             outputs = await reader.read_until(must_total, idle_timeout_s=60)
     finally:
-        stop_worker(worker)
+        worker.stop()
 
     table = Table(title="Tally demo: what came out of the pipeline")
     table.add_column("outcome")
@@ -90,13 +62,17 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
     for reason in sorted(set(expected.rejected) | set(outputs.rejected)):
         table.add_row(f"rejected: {reason}", str(expected.rejected[reason]), str(outputs.rejected[reason]))
     console.print(table)
-    elapsed = (outputs.last_seen or started) - started
-    console.print(
-        f"{expected.events:,} events in {elapsed:.1f} s from first publish to last output: "
-        f"{expected.events / elapsed:,.0f} events/s end to end"
-        if elapsed > 0
-        else "no output"
-    )
+    if outputs.first_seen is not None and outputs.last_seen is not None:
+        end_to_end = outputs.last_seen - started
+        draining = max(outputs.last_seen - outputs.first_seen, 1e-3)
+        console.print(
+            f"throughput: {expected.events:,} events in {end_to_end:.1f} s from the first publish to the "
+            f"last output ({expected.events / end_to_end:,.0f} events/s, worker start-up and publishing "
+            f"included); {outputs.total:,} outputs in {draining:.1f} s from the first output to the last "
+            f"({outputs.total / draining:,.0f} outputs/s)"
+        )
+    else:
+        console.print("[red]no output at all: see the worker log[/red]")
     ok = (
         set(outputs.identities) == expected.accepted
         and not outputs.repeated
