@@ -57,6 +57,7 @@ _ZERO = Decimal(0)
 PARTITION_CACHE_SIZE = 1_000_000
 
 _WHITESPACE = b" \t\r\n"
+_WHITESPACE_BYTES = frozenset({b" ", b"\t", b"\r", b"\n"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +196,10 @@ def _split(
         detail = f"message of {len(value)} bytes exceeds {max_message_bytes}"
         result.rejected.append(_reject(Reason.OVERSIZED, detail, value, origin))
         return None
-    if value.lstrip(_WHITESPACE)[:1] != b"[":
+    first = value[:1]
+    if first in _WHITESPACE_BYTES:  # rare: strip only then (lstrip copies the whole message)
+        first = value.lstrip(_WHITESPACE)[:1]
+    if first != b"[":
         return (value,), False
     try:
         return batch_splitter.decode(value), True

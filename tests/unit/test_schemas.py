@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from schemas.events import EVENT_TYPES, GpuUsageEvent, encoder, event_decoder
+from schemas.events import EVENT_TYPES, GpuUsageEvent, cut_by_size, encode_batch, encoder, event_decoder
 from schemas.export import JSON_DIR, rendered
 
 
@@ -45,3 +48,19 @@ def test_decimal_quantities_accept_numbers_and_strings_exactly() -> None:
 def test_schema_files_are_valid_json_objects(event_type: str) -> None:
     schema = msgspec.json.decode((JSON_DIR / f"{event_type}.schema.json").read_bytes())
     assert schema["$schema"].startswith("https://json-schema.org/")
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=300), max_size=60), st.integers(min_value=3, max_value=1_000)
+)
+def test_cut_by_size_keeps_every_item_in_order_within_the_limit(sizes: list[int], limit: int) -> None:
+    items = [b"x" * size for size in sizes]
+    chunks = list(cut_by_size(items, limit))
+    assert [item for chunk in chunks for item in chunk] == items
+    for chunk in chunks:
+        assert chunk, "no empty message"
+        assert len(encode_batch(chunk)) <= limit or len(chunk) == 1
+    for first, second in itertools.pairwise(chunks):
+        assert len(encode_batch([*first, second[0]])) > limit, (
+            "a chunk is cut only when the next item does not fit"
+        )
