@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -30,12 +31,14 @@ from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_settings
+from pipeline.topics import create_topics
 from schemas.events import batch_splitter, event_decoder
 
 RESULTS = REPO_ROOT / "bench" / "results"
 README = REPO_ROOT / "bench" / "README.md"
 SHAPES = {"single": (1, 300_000), "batch": (100, 1_000_000)}  # shape: (events per message, events)
 TARGETS = {"single": 50_000, "batch": 100_000}
+REPEATS = 3
 
 
 def machine() -> dict[str, Any]:
@@ -129,15 +132,31 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
     sent, seconds = asyncio.run(publish(settings, generate(plan, default_now(), expected), chunk=5_000))
     print(f"[{shape}] published {sent:,} events in {seconds:.1f} s", flush=True)
 
-    baseline = asyncio.run(bare_consumer(settings, events))
-    print(f"[{shape}] bare aiokafka consumer + decode: {baseline:,.0f} events/s", flush=True)
-
-    worker = Worker(settings).start()
-    try:
-        tally = asyncio.run(timed_outputs(settings, None, events))
-    finally:
-        worker.stop()
-    print(f"[{shape}] tally ingest + dedupe (exactly-once): {tally:,.0f} events/s", flush=True)
+    # Each figure is the median of REPEATS runs, alternating baseline and Tally, over the same
+    # published data (each Tally run with consumer groups and output topics of its own).
+    baselines, tallies = [], []
+    for repeat in range(REPEATS):
+        baselines.append(asyncio.run(bare_consumer(settings, events)))
+        run = settings.model_copy(
+            update={
+                "app_id": f"{settings.app_id}-r{repeat}",
+                "topic_valid": f"{settings.topic_valid}.r{repeat}",
+                "topic_accepted": f"{settings.topic_accepted}.r{repeat}",
+                "topic_rejected": f"{settings.topic_rejected}.r{repeat}",
+            }
+        )
+        asyncio.run(create_topics(run))
+        worker = Worker(run, f"bench-r{repeat}").start()
+        try:
+            tallies.append(asyncio.run(timed_outputs(run, None, events)))
+        finally:
+            worker.stop()
+        print(
+            f"[{shape}] run {repeat + 1}: bare consumer + decode {baselines[-1]:,.0f} events/s, "
+            f"tally ingest + dedupe (exactly-once) {tallies[-1]:,.0f} events/s",
+            flush=True,
+        )
+    baseline, tally = statistics.median(baselines), statistics.median(tallies)
 
     result: dict[str, Any] = {
         "name": f"ingest-{shape}",
@@ -146,6 +165,10 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
         "ratio": round(tally / baseline, 3),
         "message_shape": f"{batch_size} event(s) per message",
         "events": events,
+        "runs": {
+            "events_per_s": [round(t) for t in tallies],
+            "baseline_events_per_s": [round(b) for b in baselines],
+        },
         "target_events_per_s": TARGETS[shape],
         "meets_target": tally >= TARGETS[shape],
         "machine": machine(),

@@ -153,3 +153,17 @@ def kafka_tool(
         timeout=timeout,
         check=True,
     )
+
+
+def console_produce(settings: Settings, lines: list[bytes], *options: str) -> None:
+    """Publish ``lines`` to ``usage.raw`` with Apache Kafka's own console producer: one message
+    per line, no key unless ``options`` say ``--property parse.key=true``."""
+    kafka_tool(
+        "org.apache.kafka.tools.ConsoleProducer",
+        "--bootstrap-server",
+        settings.kafka_bootstrap,
+        "--topic",
+        settings.topic_raw,
+        *options,
+        stdin=b"\n".join(lines) + b"\n",
+    )

@@ -13,7 +13,7 @@ from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.outputs import OutputReader, Outputs
 from pipeline.producer import TallyProducer
 from pipeline.settings import Settings
-from pipeline.testing import Worker, isolated_settings, kafka_tool
+from pipeline.testing import Worker, console_produce, isolated_settings
 from schemas.rejections import Reason
 
 
@@ -27,14 +27,7 @@ async def publish_and_read(
             await publish(settings, generate(plan, now, expected))
         if foreign_lines:
             # Apache Kafka's own console producer: no key, one event per message.
-            kafka_tool(
-                "org.apache.kafka.tools.ConsoleProducer",
-                "--bootstrap-server",
-                settings.kafka_bootstrap,
-                "--topic",
-                settings.topic_raw,
-                stdin=b"\n".join(foreign_lines) + b"\n",
-            )
+            console_produce(settings, foreign_lines)
         must = len(expected.accepted) + sum(expected.rejected.values())
         return await reader.read_until(must, idle_timeout_s=60, drain_s=3)
 
@@ -125,19 +118,8 @@ def test_dead_letters_keep_the_original_bytes_and_say_why(tmp_path: Path) -> Non
 def test_python_partitioner_agrees_with_the_java_producer(tmp_path: Path) -> None:
     settings = isolated_settings(tmp_path)
     keys = [f"acct-{i:05d}" for i in range(60)]
-    lines = b"\n".join(f"{k}|x".encode() for k in keys) + b"\n"
-    kafka_tool(
-        "org.apache.kafka.tools.ConsoleProducer",
-        "--bootstrap-server",
-        settings.kafka_bootstrap,
-        "--topic",
-        settings.topic_raw,
-        "--property",
-        "parse.key=true",
-        "--property",
-        "key.separator=|",
-        stdin=lines,
-    )
+    lines = [f"{k}|x".encode() for k in keys]
+    console_produce(settings, lines, "--property", "parse.key=true", "--property", "key.separator=|")
 
     async def read() -> dict[str, int]:
         consumer = AIOKafkaConsumer(
