@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import msgspec
 import xxhash
 
-from schemas.events import batch_splitter, identity_decoder
+from schemas.events import batch_splitter, cut_by_size, identity_decoder
 from schemas.rejections import Reason, Rejection, Stage
 
 FINGERPRINT_BYTES = 16
@@ -72,7 +72,7 @@ def dedupe_message(
     """
     try:
         elements = batch_splitter.decode(value or b"")
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         result.rejected.append(
             _reject(Reason.MALFORMED_JSON, f"not a CloudEvents batch: {exc}", value or b"", origin)
         )
@@ -82,7 +82,7 @@ def dedupe_message(
         raw = bytes(element)
         try:
             ident = identity_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
             result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), raw, f"{origin}#{index}"))
             continue
         key = identity_key(ident.source, ident.id)
@@ -103,15 +103,12 @@ def dedupe_message(
 
 
 def encode_marks(marks: dict[bytes, bytes], limit: int = MARKS_RECORD_BYTES) -> list[bytes]:
-    """The changelog records for ``marks``: msgpack lists of (identity, fingerprint), each record
-    about ``limit`` bytes at most (cut by the average item size, summed in C)."""
-    if not marks:
-        return []
+    """The changelog records for ``marks``: msgpack lists of (identity, fingerprint), each under
+    ``limit`` bytes (cut by each mark's own size: identities range from a few bytes to ~770)."""
     items = list(marks.items())
-    # msgpack framing: ~3 bytes per bin header, 1 per 2-tuple; 8 covers it.
-    average = sum(map(len, marks)) / len(items) + FINGERPRINT_BYTES + 8
-    per_record = max(1, int(limit // average))
-    return [marks_encoder.encode(items[i : i + per_record]) for i in range(0, len(items), per_record)]
+    # msgpack framing: a bin header (<= 5 bytes) per part and 1 per pair; 12 covers it.
+    sizes = [len(key) + FINGERPRINT_BYTES + 12 for key in marks]
+    return [marks_encoder.encode(chunk) for chunk in cut_by_size(items, limit, sizes)]
 
 
 def decode_marks(value: bytes) -> list[tuple[bytes, bytes]]:

@@ -203,8 +203,8 @@ def _split(
         return (value,), False
     try:
         return batch_splitter.decode(value), True
-    except msgspec.DecodeError as exc:
-        result.rejected.append(_reject(Reason.MALFORMED_JSON, str(exc), value, origin))
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: arrays nested ~1000 deep
+        result.rejected.append(_reject(Reason.MALFORMED_JSON, f"not a JSON array: {exc!r}", value, origin))
         return None
 
 

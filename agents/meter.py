@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord, RecordMetadata
@@ -92,11 +92,34 @@ class DedupeStage:
         self.input_topic = settings.topic_valid
 
     async def open_task(self, partition: int) -> DedupeTask:
-        store = PartitionStore(
-            self.settings.state_dir / "meter-dedupe" / f"p{partition}", ttl=self.settings.dedupe_horizon
-        )
-        await restore(self.settings, dedupe_changelog_topic(self.settings), partition, store)
+        path = self.settings.state_dir / "meter-dedupe" / f"p{partition}"
+        topic = dedupe_changelog_topic(self.settings)
+        store = PartitionStore(path, ttl=mark_ttl(self.settings))
+        try:
+            await restore(self.settings, topic, partition, store)
+        except StoreAheadOfChangelogError as exc:
+            # The changelog was recreated or truncated: the store's marks are not the truth any
+            # more, and trusting them could drop new events as duplicates. Rebuild from the log.
+            log.warning("meter: %s; rebuilding partition %d from the changelog", exc, partition)
+            store.close()
+            PartitionStore.destroy(path)
+            store = PartitionStore(path, ttl=mark_ttl(self.settings))
+            await restore(self.settings, topic, partition, store)
+        except BaseException:
+            store.close()
+            raise
         return DedupeTask(self.settings, partition, store)
+
+
+def mark_ttl(settings: Settings) -> timedelta:
+    """How long a mark lives: the horizon, plus the clock skew ingest tolerates and a day of
+    backlog, so a copy that ingest still accepts always finds its mark (the changelog's retention
+    is horizon + 1 day as well)."""
+    return settings.dedupe_horizon + settings.future_tolerance + timedelta(days=1)
+
+
+class StoreAheadOfChangelogError(RuntimeError):
+    """The local store says it applied changelog records the changelog does not have."""
 
 
 async def restore(settings: Settings, topic: str, partition: int, store: PartitionStore) -> int:
@@ -114,7 +137,11 @@ async def restore(settings: Settings, topic: str, partition: int, store: Partiti
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]  # last stable offset: committed records only
         start = store.next_changelog_offset
-        if start >= end:
+        if start > end:
+            raise StoreAheadOfChangelogError(
+                f"store of {tp} is at offset {start}, the changelog ends at {end}"
+            )
+        if start == end:
             return 0
         consumer.seek(tp, start)
         while await consumer.position(tp) < end:

@@ -18,6 +18,7 @@ from aiokafka.structs import RecordMetadata
 
 from pipeline.settings import Settings
 from schemas.events import UsageEvent, cut_by_size, encode_batch, encoder
+from schemas.rejections import MAX_RAW_MESSAGE_BYTES
 
 
 class TallyProducer:
@@ -30,7 +31,7 @@ class TallyProducer:
             enable_idempotence=True,
             linger_ms=linger_ms,
             max_batch_size=1024 * 1024,
-            max_request_size=4 * 1024 * 1024,
+            max_request_size=MAX_RAW_MESSAGE_BYTES,
         )
 
     async def __aenter__(self) -> TallyProducer:

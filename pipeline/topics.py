@@ -15,11 +15,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from agents.meter import dedupe_changelog_topic
 from pipeline.settings import Settings
+from schemas.rejections import MAX_DEAD_LETTER_BYTES, MAX_RAW_MESSAGE_BYTES
 
 DAY_MS = 86_400_000
-# usage.raw and usage.rejected hold whole producer messages, up to the ingest limit and beyond it
-# (an oversized message is kept whole in the dead-letter topic): 4 MiB, the local broker's limit.
-LARGE_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(
             settings.topic_raw,
             "raw usage from producers, any key, single or batch",
-            {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)},
+            {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(MAX_RAW_MESSAGE_BYTES)},
         ),
         TopicSpec(
             settings.topic_valid,
@@ -50,7 +48,7 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(
             settings.topic_rejected,
             "dead letters: original bytes + reason headers",
-            {"retention.ms": str(horizon_ms + DAY_MS), "max.message.bytes": str(LARGE_MESSAGE_BYTES)},
+            {"retention.ms": str(horizon_ms + DAY_MS), "max.message.bytes": str(MAX_DEAD_LETTER_BYTES)},
         ),
         # One record per commit holding that commit's marks. Keys are not per mark, so compaction
         # would not shrink it; marks older than the horizon are useless, so plain time retention.

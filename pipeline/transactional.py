@@ -42,11 +42,14 @@ from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from pipeline.settings import Settings
+from schemas.rejections import MAX_DEAD_LETTER_BYTES
 
 log = logging.getLogger(__name__)
 
 # Pause before retrying a partition whose transaction failed for a reason other than fencing.
 RETRY_DELAY_S = 1.0
+# Tries to open a partition (fence + restore) before the worker gives up and stops.
+OPEN_ATTEMPTS = 5
 
 Clock = Callable[[], datetime]
 
@@ -107,7 +110,7 @@ class TransactionalLoop:
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
-        self._retries: set[asyncio.Task[None]] = set()
+        self._opening: dict[TopicPartition, asyncio.Task[None]] = {}
         self._failure: Exception | None = None
         self.started = asyncio.Event()
 
@@ -142,17 +145,18 @@ class TransactionalLoop:
                     continue
                 async with self._lock:
                     if generation != self._generation:
-                        # A rebalance ran during the poll: its positions were reset to the
-                        # committed offsets, so these records will be fetched again.
+                        # A rebalance ran during the poll: drop these records and fetch again
+                        # from the committed offsets (another worker may have moved them on).
                         for tp, records in batches.items():
                             if tp in self._tasks:
-                                consumer.seek(tp, records[0].offset)
+                                await self._rewind(tp, records[0].offset)
                         continue
                     await asyncio.gather(
                         *(self._transact(tp, records) for tp, records in batches.items() if tp in self._tasks)
                     )
         finally:
             async with self._lock:
+                await self._cancel_opening()
                 await self._close_partitions(set(self._tasks))
             await consumer.stop()
 
@@ -176,29 +180,34 @@ class TransactionalLoop:
                     {tp: records[-1].offset + 1}, self.group_id
                 )
         except KafkaError as exc:
-            # Nothing of this batch is visible. Rewind, stop fetching the partition, and take it
-            # up again later: at once would fight a new owner that fenced us, so a fenced
-            # worker waits a session timeout for the rebalance that hands the partition over.
+            # Rewind to the committed offset (not to this batch: if the commit went through
+            # after all, that would replay it), stop fetching the partition, and take it up
+            # again later: at once would fight a new owner that fenced us, so a fenced worker
+            # waits a session timeout for the rebalance that hands the partition over.
             fenced = isinstance(exc, ProducerFenced | InvalidProducerEpoch)
             log.warning(
-                "%s: transaction for %s failed (%r); rewinding to offset %d",
+                "%s: transaction for %s failed (%r); rewinding to its committed offset",
                 self.stage.name,
                 tp,
                 exc,
-                records[0].offset,
             )
             assert self._consumer is not None
-            self._consumer.seek(tp, records[0].offset)
             self._consumer.pause(tp)
+            await self._rewind(tp, records[0].offset)
             await self._close_partitions({tp})
             delay = self.settings.session_timeout_ms / 1000 if fenced else RETRY_DELAY_S
-            retry = asyncio.get_running_loop().create_task(self._retry(tp, self._generation, delay))
-            self._retries.add(retry)
-            retry.add_done_callback(self._retries.discard)
+            self._open_in_background(tp, self._generation, delay)
             return
         task.committed(outcome, metadata)  # step 6
         for name, count in outcome.counters.items():
             self.counters[name] = self.counters.get(name, 0) + count
+
+    async def _rewind(self, tp: TopicPartition, first_fetched: int) -> None:
+        """Move the position back to the group's committed offset, or, where nothing was ever
+        committed, to the first record fetched (``seek_to_committed`` would not move it then)."""
+        assert self._consumer is not None
+        committed = await self._consumer.committed(tp)
+        self._consumer.seek(tp, first_fetched if committed is None else committed)
 
     # Rebalance ----------------------------------------------------------------------------------
 
@@ -208,20 +217,77 @@ class TransactionalLoop:
             self._generation += 1
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # Quick on purpose: aiokafka sends no heartbeats until this returns, and restoring a
+        # partition's state can take longer than the session timeout. New partitions are paused
+        # here and opened (fenced, restored) in the background, then resumed.
         async with self._lock:
             self._generation += 1
             try:
+                await self._cancel_opening()  # begun for an older generation: start again
                 await self._close_partitions(set(self._tasks) - assigned)
+                assert self._consumer is not None
                 for tp in sorted(assigned - set(self._tasks)):
-                    await self._open_partition(tp)
+                    self._consumer.pause(tp)
+                    self._open_in_background(tp, self._generation)
             except Exception as exc:
                 # aiokafka would only log this and carry on with partitions nobody processes:
                 # hand it to the loop, which raises it and so stops the worker.
                 self._failure = exc
                 raise
 
-    async def _open_partition(self, tp: TopicPartition) -> None:
-        producer = AIOKafkaProducer(
+    def _open_in_background(self, tp: TopicPartition, generation: int, delay: float = 0.0) -> None:
+        task = asyncio.get_running_loop().create_task(self._open(tp, generation, delay))
+        self._opening[tp] = task
+        task.add_done_callback(
+            lambda done: self._opening.pop(tp, None) if self._opening.get(tp) is done else None
+        )
+
+    async def _open(self, tp: TopicPartition, generation: int, delay: float, attempt: int = 1) -> None:
+        """Fence the partition's previous owner, open its task (restoring state), then install
+        both and resume fetching, if the assignment is still the one this began under."""
+        await asyncio.sleep(delay)
+        producer = self._new_producer(tp)
+        task: PartitionTask | None = None
+        try:
+            await producer.start()  # init_transactions: fences the partition's previous owner
+            task = await self.stage.open_task(tp.partition)
+            async with self._lock:
+                assert self._consumer is not None
+                current = generation == self._generation and tp in self._consumer.assignment()
+                if current:
+                    # From the committed offset (where there is one) read now, after the fence:
+                    # a stalled former owner may have committed since the assignment began.
+                    await self._consumer.seek_to_committed(tp)
+                    self._producers[tp], self._tasks[tp] = producer, task
+                    self._consumer.resume(tp)
+        except BaseException as exc:
+            if task is not None:
+                task.close()
+            await producer.stop()
+            if isinstance(exc, asyncio.CancelledError):
+                return  # a newer assignment took over; it opens the partition again if it is ours
+            if attempt >= OPEN_ATTEMPTS or not isinstance(exc, Exception):
+                log.exception("%s: could not open %s; stopping the worker", self.stage.name, tp)
+                self._failure = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                return
+            log.warning(
+                "%s: opening %s failed (%r), attempt %d of %d",
+                self.stage.name,
+                tp,
+                exc,
+                attempt,
+                OPEN_ATTEMPTS,
+            )
+            await self._open(tp, generation, RETRY_DELAY_S * attempt, attempt + 1)
+            return
+        if current:
+            log.info("%s: took partition %s", self.stage.name, tp)
+        else:  # stale: the assignment changed while this opened; the next one opens it again
+            task.close()
+            await producer.stop()
+
+    def _new_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             client_id=f"{self.group_id}-{self.settings.worker_id}-{tp.partition}",
             transactional_id=f"{self.group_id}-{tp.topic}-{tp.partition}",
@@ -232,20 +298,17 @@ class TransactionalLoop:
             # here, more than the socket copies it saves) and runs lz4 at level 9 (127 MB/s).
             linger_ms=5,
             max_batch_size=1024 * 1024,
-            max_request_size=4 * 1024 * 1024,
+            max_request_size=MAX_DEAD_LETTER_BYTES + 64 * 1024,  # a whole dead letter fits
         )
-        await producer.start()  # init_transactions: fences the partition's previous owner
-        self._producers[tp] = producer
-        self._tasks[tp] = await self.stage.open_task(tp.partition)
-        log.info("%s: took partition %s", self.stage.name, tp)
 
-    async def _retry(self, tp: TopicPartition, generation: int, delay: float) -> None:
-        await asyncio.sleep(delay)
-        async with self._lock:
-            assert self._consumer is not None
-            if generation == self._generation and tp in self._consumer.assignment() and tp not in self._tasks:
-                await self._open_partition(tp)
-                self._consumer.resume(tp)
+    async def _cancel_opening(self) -> None:
+        opening = list(self._opening.values())
+        self._opening.clear()
+        for task in opening:
+            task.cancel()
+        # Their clean-up (closing stores and producers) runs before new opens of the same
+        # partitions, which would otherwise find the RocksDB store locked.
+        await asyncio.gather(*opening, return_exceptions=True)
 
     async def _close_partitions(self, partitions: set[TopicPartition]) -> None:
         for tp in partitions:
@@ -253,10 +316,6 @@ class TransactionalLoop:
             task.close()
             await self._producers.pop(tp).stop()
             log.info("%s: released partition %s", self.stage.name, tp)
-
-    async def _reopen(self, tp: TopicPartition) -> None:
-        await self._close_partitions({tp})
-        await self._open_partition(tp)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information here

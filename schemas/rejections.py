@@ -17,6 +17,12 @@ from enum import StrEnum
 
 import msgspec
 
+# usage.raw takes producer messages up to 4 MiB, beyond the ingest limit (1 MiB by default), so an
+# oversized message arrives and is dead-lettered rather than refused at the producer. A dead letter
+# keeps any of them whole, plus its headers (each cut at 1 KiB): 4 MiB + 64 KiB.
+MAX_RAW_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_DEAD_LETTER_BYTES = MAX_RAW_MESSAGE_BYTES + 64 * 1024
+
 
 class Reason(StrEnum):
     """The closed list of rejection reasons."""

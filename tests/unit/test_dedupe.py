@@ -111,3 +111,18 @@ def test_store_applies_marks_with_their_changelog_offset_and_survives_reopen(tmp
     assert reopened.get(b"k2") == b"f2"
     assert reopened.next_changelog_offset == 7
     reopened.close()
+
+
+def test_deeply_nested_input_is_rejected_not_raised() -> None:
+    result = DedupeResult()
+    nothing: dict[bytes, bytes] = {}
+    dedupe_message(b"[" * 5_000 + b"]" * 5_000, "usage.valid/0/0", nothing.get, result)
+    assert [r.reason for r in result.rejected] == [Reason.MALFORMED_JSON]
+
+
+def test_changelog_records_stay_under_the_limit_whatever_the_identity_sizes() -> None:
+    short = {identity_key("s", str(i)): fingerprint(event(str(i))) for i in range(90_000)}
+    long = {identity_key("s" * 512, f"{i:0256d}"): fingerprint(event(str(i))) for i in range(10_000)}
+    records = encode_marks({**short, **long}, limit=512 * 1024)
+    assert max(len(r) for r in records) <= 512 * 1024
+    assert sum(len(decode_marks(r)) for r in records) == 100_000

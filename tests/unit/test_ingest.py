@@ -232,3 +232,10 @@ def test_arbitrary_envelopes_are_accepted_or_rejected_never_raised(fields: dict[
 def test_batches_account_for_every_element(elements: list[Any]) -> None:
     result = run(enc(elements))
     assert result.accepted.count + len(result.rejected) == len(elements)
+
+
+def test_deeply_nested_arrays_are_dead_lettered_not_raised() -> None:
+    value = b"[" * 5_000 + b"]" * 5_000
+    result = run(value)
+    assert reasons(result) == ["malformed_json"]
+    assert result.rejected[0].original == value
