@@ -182,6 +182,7 @@ class EventIdentity(msgspec.Struct, forbid_unknown_fields=False, gc=False):
 event_decoder: msgspec.json.Decoder[UsageEvent] = msgspec.json.Decoder(UsageEvent)
 identity_decoder: msgspec.json.Decoder[EventIdentity] = msgspec.json.Decoder(EventIdentity)
 batch_splitter: msgspec.json.Decoder[list[msgspec.Raw]] = msgspec.json.Decoder(list[msgspec.Raw])
+batch_event_decoder: msgspec.json.Decoder[list[UsageEvent]] = msgspec.json.Decoder(list[UsageEvent])
 encoder = msgspec.json.Encoder(decimal_format="string")
 
 

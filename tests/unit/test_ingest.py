@@ -239,3 +239,27 @@ def test_deeply_nested_arrays_are_dead_lettered_not_raised() -> None:
     result = run(value)
     assert reasons(result) == ["malformed_json"]
     assert result.rejected[0].original == value
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [gpu_event(time="2026-11-24T13:00:00+01:00"), api_event(), gpu_event(subject="acct-2")]
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_a_clean_batch_comes_out_as_its_events_would_one_by_one(events: list[dict[str, Any]]) -> None:
+    as_batch = run(enc(events))  # small and clean: the one-call fast path
+    one_by_one = run(*(enc(e) for e in events))
+    assert list(as_batch.accepted.messages()) == list(one_by_one.accepted.messages())
+    assert as_batch.rejected == []
+
+
+def test_one_bad_event_sends_a_small_batch_down_the_per_event_path() -> None:
+    batch = [gpu_event(id="a"), gpu_event(id="b", time="1970-01-01T00:00:00Z"), api_event(id="c")]
+    result = run(enc(batch))
+    assert sorted(e["id"] for e in accepted(result)) == ["a", "c"]
+    assert [(r.reason.value, r.origin) for r in result.rejected] == [("too_late", "usage.raw/0/0#1")]
