@@ -129,10 +129,11 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
-    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+    def wait_for_log(self, text: str, timeout: float = 60.0, count: int = 1) -> None:
+        """Wait until this start of the worker has logged ``text`` ``count`` times."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log():
+            if self.log().rsplit("=== start", 1)[-1].count(text) >= count:
                 return
             assert self.alive(), (
                 f"{self.worker_id} exited ({self.process and self.process.returncode}):\n{self.log()[-3000:]}"
