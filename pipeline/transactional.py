@@ -112,7 +112,6 @@ class TransactionalLoop:
         self._stopping = asyncio.Event()
         self._opening: dict[TopicPartition, asyncio.Task[None]] = {}
         self._failure: Exception | None = None
-        self.started = asyncio.Event()
 
     # Lifecycle ----------------------------------------------------------------------------------
 
@@ -132,7 +131,6 @@ class TransactionalLoop:
         self._consumer = consumer
         await consumer.start()
         consumer.subscribe([self.stage.input_topic], listener=_Listener(self._on_revoked, self._on_assigned))
-        self.started.set()
         try:
             while not self._stopping.is_set():
                 generation = self._generation
