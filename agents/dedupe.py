@@ -4,11 +4,9 @@ An event's identity is (source, id) (DESIGN.md "Identity"). Ingest already route
 account, so all events of an account, and so every repeat of one (source, id) sent for that
 account, reach the same partition, in order. Per event:
 
-1. fingerprint the normalized bytes ingest wrote (xxh3-128, ~0.07 us against ~0.6 us for
-   blake2b here; ingest's canonical encoding makes equal payloads byte-equal, whatever spacing, key
-   order or UTC offset the producer used). It is not a cryptographic hash: a producer could forge
-   a different payload with an equal fingerprint under an id it already used, and lose only its
-   own event (dropped as a duplicate instead of dead-lettered as a conflict);
+1. take the identity and fingerprint ingest computed (``schemas.events.ValidRecord``: xxh3-128
+   of the normalized event, so equal payloads match whatever spacing, key order or UTC offset the
+   producer used);
 2. look the identity up, first in this transaction's pending marks, then in the partition store;
 3. unseen -> accepted, and a mark (identity -> fingerprint) is added to the pending marks;
    seen with the same fingerprint -> duplicate, dropped and counted;
@@ -26,12 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
-import xxhash
 
-from schemas.events import batch_splitter, cut_by_size, identity_decoder
+from schemas.events import FINGERPRINT_BYTES, cut_by_size, valid_decoder
 from schemas.rejections import Reason, Rejection, Stage
 
-FINGERPRINT_BYTES = 16
 # A changelog record is cut at about this size (Kafka's default max.message.bytes is 1 MiB).
 MARKS_RECORD_BYTES = 512 * 1024
 
@@ -41,22 +37,11 @@ marks_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
 
 @dataclass(slots=True)
 class DedupeResult:
-    # Accepted events as slices of the input (msgspec.Raw): joined into the output without a copy.
-    accepted: list[bytes | msgspec.Raw] = field(default_factory=list)
+    accepted: list[bytes] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     duplicates: int = 0
     # identity -> fingerprint, first sighting in this transaction; insertion-ordered.
     marks: dict[bytes, bytes] = field(default_factory=dict)
-
-
-def identity_key(source: str, event_id: str) -> bytes:
-    # NUL cannot occur in either part (the schema allows printable characters only).
-    return f"{source}\x00{event_id}".encode()
-
-
-def fingerprint(normalized_event: bytes | msgspec.Raw) -> bytes:
-    digest: bytes = xxhash.xxh3_128_digest(normalized_event)
-    return digest
 
 
 def dedupe_message(
@@ -65,40 +50,31 @@ def dedupe_message(
     lookup: Callable[[bytes], bytes | None],
     result: DedupeResult,
 ) -> None:
-    """Dedupe one ``usage.valid`` message (a batch written by ingest) into ``result``.
+    """Dedupe one ``usage.valid`` message (records written by ingest) into ``result``.
 
     ``lookup`` reads the committed marks (the partition store). Malformed input cannot come from
     ingest, but a foreign producer could write anything to the topic: it is rejected, never raised.
     """
     try:
-        elements = batch_splitter.decode(value or b"")
+        records = valid_decoder.decode(value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-        result.rejected.append(
-            _reject(Reason.MALFORMED_JSON, f"not a CloudEvents batch: {exc}", value or b"", origin)
-        )
+        detail = f"not a usage.valid message (msgpack records): {exc}"
+        result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, value or b"", origin))
         return
     pending = result.marks
-    for index, element in enumerate(elements):
-        raw = bytes(element)
-        try:
-            ident = identity_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-            result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), raw, f"{origin}#{index}"))
-            continue
-        key = identity_key(ident.source, ident.id)
-        print_ = fingerprint(raw)
+    accepted = result.accepted
+    for index, (key, print_, raw) in enumerate(records):
         seen = pending.get(key)
         if seen is None:
             seen = lookup(key)
         if seen is None:
             pending[key] = print_
-            result.accepted.append(raw)
+            accepted.append(raw)
         elif seen == print_:
             result.duplicates += 1
         else:
-            detail = (
-                f"(source, id) = ({ident.source!r}, {ident.id!r}) was seen before with a different payload"
-            )
+            source, _, event_id = key.decode(errors="replace").partition("\x00")
+            detail = f"(source, id) = ({source!r}, {event_id!r}) was seen before with a different payload"
             result.rejected.append(_reject(Reason.ID_CONFLICT, detail, raw, f"{origin}#{index}"))
 
 

@@ -14,8 +14,9 @@ Per event, in order:
    within total, utilization within 0..1, event time within [now - horizon, now + tolerance],
    subject a known account when an account list is configured;
 5. normalize: time to UTC, decimals as strings, canonical field order (one encoding per event,
-   so dedupe can fingerprint the bytes), then route by ``murmur2(subject)`` - Kafka's default
-   partitioner - to the ``usage.valid`` partition that every keyed stage after this one reads.
+   so equal payloads are equal bytes), then route by ``murmur2(subject)`` - Kafka's default
+   partitioner - to the ``usage.valid`` partition that every keyed stage after this one reads, as
+   a record [identity, fingerprint, event] (``schemas.events.ValidRecord``).
 
 A bad event in a batch rejects only that event. Nothing here raises on input.
 """
@@ -29,23 +30,28 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import msgspec
+import xxhash
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
 from schemas.events import (
+    FINGERPRINT_BYTES,
     MAX_BATCH_BYTES,
+    VALID_CONTENT_TYPE,
+    VALID_RECORD_OVERHEAD,
     GpuUsageEvent,
     SessionStartedEvent,
     StorageUsageEvent,
     UsageEvent,
+    ValidRecord,
     batch_event_decoder,
     batch_splitter,
     cut_by_size,
-    encode_batch,
     encoder,
     event_decoder,
+    valid_encoder,
 )
 from schemas.rejections import Reason, Rejection, Stage
 
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 # Largest decimal quantity accepted in one event (10^15 GB or W is a producer bug, not usage).
 MAX_QUANTITY = Decimal(10) ** 15
 _ZERO = Decimal(0)
+VALID_HEADERS = [("content-type", VALID_CONTENT_TYPE)]
 # Partition numbers cached per account; cleared when it grows past this (bounded memory).
 PARTITION_CACHE_SIZE = 1_000_000
 
@@ -76,21 +83,26 @@ class PartitionedBatches:
 
     partitions: int
     max_message_bytes: int = MAX_BATCH_BYTES
-    _events: dict[int, list[bytes]] = field(default_factory=dict)
+    _records: dict[int, tuple[list[ValidRecord], list[int]]] = field(default_factory=dict)
     count: int = 0
 
-    def add(self, partition: int, event: bytes) -> None:
-        events = self._events.get(partition)
-        if events is None:
-            self._events[partition] = [event]
+    def add(self, partition: int, event: bytes, source: str, event_id: str) -> None:
+        """Add one normalized event, as the record dedupe reads: [identity, fingerprint, event]."""
+        key = f"{source}\x00{event_id}".encode()  # identity_key, inlined on the hot path
+        record = (key, xxhash.xxh3_128_digest(event), event)  # fingerprint, inlined
+        size = len(event) + len(key) + FINGERPRINT_BYTES + VALID_RECORD_OVERHEAD
+        pending = self._records.get(partition)
+        if pending is None:
+            self._records[partition] = ([record], [size])
         else:
-            events.append(event)
+            pending[0].append(record)
+            pending[1].append(size)
         self.count += 1
 
-    def messages(self) -> Iterator[tuple[int, Sequence[bytes]]]:
-        """(partition, events) per output message, each under ``max_message_bytes`` when joined."""
-        for partition, events in self._events.items():
-            for chunk in cut_by_size(events, self.max_message_bytes):
+    def messages(self) -> Iterator[tuple[int, Sequence[ValidRecord]]]:
+        """(partition, records) per output message, each under ``max_message_bytes`` encoded."""
+        for partition, (records, sizes) in self._records.items():
+            for chunk in cut_by_size(records, self.max_message_bytes, sizes):
                 yield partition, chunk
 
 
@@ -183,10 +195,9 @@ class IngestCore:
                     rejected.append(_reject(problem[0], problem[1], raw, origin, where))
                     continue
                 partition = cached_partition(event.subject)
-                add(
-                    partition_of(event.subject) if partition is None else partition,
-                    encode(_normalized(event)),
-                )
+                if partition is None:
+                    partition = partition_of(event.subject)
+                add(partition, encode(_normalized(event)), event.source, event.id)
             except Exception as exc:  # last line of defence: a poison event must not crash-loop the worker
                 log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, where)
                 detail = f"could not be processed: {exc!r}"
@@ -206,7 +217,7 @@ class IngestCore:
             return False
         encode, add, partition_of = encoder.encode, result.accepted.add, self.partitioner
         for event in events:
-            add(partition_of(event.subject), encode(_normalized(event)))
+            add(partition_of(event.subject), encode(_normalized(event)), event.source, event.id)
         return True
 
 
@@ -335,8 +346,10 @@ class IngestTask:
         for record in records:
             self.core.process(record.value, f"{prefix}{record.offset}", result)
         messages = [
-            Outgoing(self.output_topic, encode_batch(events), partition=partition)
-            for partition, events in result.accepted.messages()
+            Outgoing(
+                self.output_topic, valid_encoder.encode(chunk), partition=partition, headers=VALID_HEADERS
+            )
+            for partition, chunk in result.accepted.messages()
         ]
         messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
         counters = {"records": len(records), "accepted": result.accepted.count}

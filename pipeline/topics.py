@@ -37,7 +37,7 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(
             settings.topic_valid,
-            "validated events, batched per partition of murmur2(account)",
+            "validated events as msgpack records [identity, fingerprint, event], per murmur2(account)",
             {"retention.ms": str(7 * DAY_MS)},
         ),
         TopicSpec(

@@ -23,6 +23,7 @@ from itertools import accumulate
 from typing import Annotated, Literal, TypeVar
 
 import msgspec
+import xxhash
 
 T = TypeVar("T", bound=Sized)
 
@@ -189,6 +190,32 @@ encoder = msgspec.json.Encoder(decimal_format="string")
 # Batch messages Tally writes are cut at this size: a Kafka message must stay under the topic's
 # max.message.bytes (1 MiB by default) even when a poll brings ~20 MiB of events for one partition.
 MAX_BATCH_BYTES = 512 * 1024
+
+
+# usage.valid is internal (ingest -> meter): each message a msgpack array of records
+# [identity, fingerprint, normalized CloudEvent JSON], so dedupe reads the identity and fingerprint
+# ingest already had instead of parsing every event's JSON again (~1 us per event less in dedupe,
+# ~0.5 us more in ingest, measured here). Messages carry a content-type header saying so.
+ValidRecord = tuple[bytes, bytes, bytes]
+VALID_CONTENT_TYPE = b"application/vnd.tally.valid-records+msgpack"
+valid_encoder = msgspec.msgpack.Encoder()
+valid_decoder: msgspec.msgpack.Decoder[list[ValidRecord]] = msgspec.msgpack.Decoder(list[ValidRecord])
+# Framing of a record in msgpack: an array header and three bin headers, at most 16 bytes.
+VALID_RECORD_OVERHEAD = 16
+FINGERPRINT_BYTES = 16
+
+
+def identity_key(source: str, event_id: str) -> bytes:
+    """An event's identity, (source, id), as a store key. NUL cannot occur in either part."""
+    return f"{source}\x00{event_id}".encode()
+
+
+def fingerprint(normalized_event: bytes | msgspec.Raw) -> bytes:
+    """xxh3-128 of the normalized event (~0.07 us against ~0.6 us for blake2b here). Not
+    cryptographic: a producer could forge a different payload with an equal fingerprint under an
+    id it already used, and lose only its own event (dropped as a duplicate, not a conflict)."""
+    digest: bytes = xxhash.xxh3_128_digest(normalized_event)
+    return digest
 
 
 def encode_batch(events: Sequence[bytes | msgspec.Raw]) -> bytes:

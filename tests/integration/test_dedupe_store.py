@@ -7,9 +7,10 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from agents.dedupe import encode_marks, fingerprint, identity_key
+from agents.dedupe import encode_marks
 from agents.meter import DedupeStage, dedupe_changelog_topic, mark_ttl
 from pipeline.testing import isolated_settings
+from schemas.events import fingerprint, identity_key
 from sinks.statestore import PartitionStore
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.ingest import IngestCore, IngestPolicy, IngestResult, PartitionedBatches, Partitioner
-from schemas.events import batch_splitter
+from schemas.events import fingerprint, identity_key, valid_decoder, valid_encoder
 from schemas.rejections import Reason
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -69,7 +69,7 @@ def run(*values: bytes | None) -> IngestResult:
 
 
 def accepted(result: IngestResult) -> list[dict[str, Any]]:
-    return [msgspec.json.decode(raw) for _, events in result.accepted.messages() for raw in events]
+    return [msgspec.json.decode(raw) for _, records in result.accepted.messages() for _, _, raw in records]
 
 
 def reasons(result: IngestResult) -> list[str]:
@@ -174,7 +174,7 @@ def test_events_are_routed_by_account_with_kafkas_partitioner() -> None:
     result = run(enc([gpu_event(id=str(i), subject=f"acct-{1 + i % 2}") for i in range(10)]))
     partitioner = Partitioner(6)
     for partition, events in result.accepted.messages():
-        assert {partitioner(msgspec.json.decode(e)["subject"]) for e in events} == {partition}
+        assert {partitioner(msgspec.json.decode(e)["subject"]) for _, _, e in events} == {partition}
     # Partitions Kafka's Java producer picks among 1000 for these keys (kafka-python's compatibility table).
     java = {"": 681, "a": 524, "ab": 434, "abc": 107, "123456789": 566}
     assert {key: Partitioner(1000)(key) for key in java} == java
@@ -182,14 +182,14 @@ def test_events_are_routed_by_account_with_kafkas_partitioner() -> None:
 
 def test_output_messages_are_cut_at_the_size_limit() -> None:
     batches = PartitionedBatches(partitions=1, max_message_bytes=1000)
-    for _ in range(25):
-        batches.add(0, b"x" * 99)
-    sizes = [
-        len(batch_splitter.decode(b"[" + b",".join(b'"' + e[:97] + b'"' for e in events) + b"]"))
-        for _, events in batches.messages()
-    ]
-    assert sum(sizes) == 25
-    assert all(size <= 10 for size in sizes)
+    for i in range(25):
+        batches.add(0, b"x" * 99, "src", f"id-{i:02d}")
+    messages = [valid_encoder.encode(records) for _, records in batches.messages()]
+    assert all(len(m) <= 1000 for m in messages)
+    decoded = [record for m in messages for record in valid_decoder.decode(m)]
+    assert [key for key, _, _ in decoded] == [identity_key("src", f"id-{i:02d}") for i in range(25)]
+    assert all(fp == fingerprint(event) for _, fp, event in decoded)
+    assert len(messages) > 2
     assert batches.count == 25
 
 

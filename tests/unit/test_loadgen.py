@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from agents.dedupe import DedupeResult, dedupe_message
 from agents.ingest import IngestCore, IngestPolicy, Partitioner
 from pipeline.loadgen import Expected, LoadPlan, account_ids, generate
-from schemas.events import encode_batch
+from schemas.events import valid_encoder
 from schemas.rejections import Reason
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -33,7 +33,7 @@ def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int
     deduped = DedupeResult()
     committed: dict[bytes, bytes] = {}
     for partition, events in ingested.accepted.messages():
-        dedupe_message(encode_batch(events), f"valid/{partition}/0", committed.get, deduped)
+        dedupe_message(valid_encoder.encode(events), f"valid/{partition}/0", committed.get, deduped)
     rejected.update(r.reason.value for r in deduped.rejected)
     return expected, len(deduped.accepted), rejected, deduped.duplicates
 
