@@ -9,7 +9,8 @@ exact and the rounded amount, and the price-book version used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from schemas.pricebook import (
@@ -19,10 +20,12 @@ from schemas.pricebook import (
     Graduated,
     Package,
     PerUnit,
+    PriceBook,
     PriceBookVersion,
     Pricing,
     Volume,
 )
+from schemas.quote import ApiQuote, GpuQuote, QuoteLine, StorageQuote
 
 SECONDS_PER_HOUR = Decimal(3600)
 HOURS_PER_MONTH = Decimal(720)  # storage's GB-month: 30 days
@@ -232,3 +235,73 @@ def rate_one_time(version: PriceBookVersion, decimals: int, item: str) -> Charge
     except KeyError:
         raise LookupError(f"no one-time price for {item!r}") from None
     return line(f"one_time:{item}", Decimal(1), "item", amount, amount, version, decimals)
+
+
+# Quotes: usage lines without Kafka or a database (``tally quote``) --------------------------------
+
+
+@dataclass
+class QuoteSession:
+    """Rates quote lines in order. API quota used per (subject, tier, month) carries across lines,
+    so a period's included requests and overage are rated over all of them."""
+
+    book: PriceBook
+    default_plan: str | None = None
+    quota_used: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def period_fees(self) -> list[tuple[str, str, str, ChargeLine]]:
+        """(subject, tier, month, fee line) for every billing period the API lines touched."""
+        decimals = self.book.token.decimals
+        fees = []
+        for subject, tier, month in sorted(self.quota_used):
+            version = self.book.version_at(datetime.fromisoformat(f"{month}-01T00:00:00+00:00"))
+            fees.append((subject, tier, month, rate_api_fee(version, decimals, tier)))
+        return fees
+
+    def rate(self, usage: QuoteLine) -> list[ChargeLine]:
+        version = self.book.version_at(usage.time)
+        decimals = self.book.token.decimals
+        plan = usage.plan or self.default_plan
+        if isinstance(usage, GpuQuote):
+            rates = version.gpu
+            if rates is None:
+                raise LookupError(f"price book version {version.label} has no GPU rates")
+            gpu = usage.data
+            minimum = Decimal(usage.provider_minimum) if usage.provider_minimum else None
+            return [
+                rate_gpu(
+                    version,
+                    decimals,
+                    gpu.gpu_model,
+                    billable_seconds(gpu.interval_seconds, rates),
+                    gpu_count=gpu.gpu_count,
+                    vram_total_gb=gpu.vram_total_gb,
+                    vram_allocated_gb=gpu.vram_allocated_gb,
+                    power_watts=gpu.power_watts,
+                    provider_minimum=minimum,
+                )
+            ]
+        if isinstance(usage, ApiQuote):
+            api = usage.data
+            lines: list[ChargeLine] = []
+            if plan is not None:
+                period = (usage.subject, plan, usage.time.strftime("%Y-%m"))
+                overage, self.quota_used[period] = rate_api_requests(
+                    version, decimals, plan, self.quota_used.get(period, 0), api.request_count
+                )
+                lines += [overage] if overage else []
+            if api.product_id is not None and api.product_id in version.products:
+                tokens = Decimal(api.tokens_in + api.tokens_out)
+                lines.append(rate_product(version, decimals, api.product_id, tokens))
+            if plan is None and not lines:
+                raise LookupError("an API request needs a plan (API tier) or a priced product_id")
+            return lines
+        if isinstance(usage, StorageQuote):
+            held = usage.data
+            return [rate_storage(version, decimals, held.storage_kind, held.gb, held.duration_seconds)]
+        # ComputeQuote: a finished session, by user type (the plan) and resource tier (seed 002).
+        if plan is None:
+            raise LookupError("a compute session needs a plan (the user type)")
+        if usage.data.duration_seconds is None:
+            raise LookupError("a compute session needs data.duration_seconds")
+        return [rate_compute(version, decimals, plan, usage.resource_tier, usage.data.duration_seconds)]

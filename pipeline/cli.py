@@ -169,6 +169,98 @@ def loadgen(
     typer.echo(json.dumps(summary))
 
 
+DEFAULT_PRICE_BOOK = Path(__file__).resolve().parent.parent / "schemas" / "pricebooks" / "default.yaml"
+
+
+@app.command()
+def quote(
+    price_book: Annotated[Path, typer.Option(help="Price book YAML.")] = DEFAULT_PRICE_BOOK,
+    plan: Annotated[
+        str | None, typer.Option(help="Plan for lines without one (API tier or user type).")
+    ] = None,
+) -> None:
+    """Rate usage read as JSON lines on stdin; print one JSON object per line, then the run's total.
+
+    No Kafka, no database. A bad line gets an error object naming the field; the others still run.
+    """
+    import msgspec
+
+    from agents.rating import QuoteSession
+    from schemas.pricebook import PriceBookError, load_price_book
+    from schemas.quote import quote_decoder
+
+    try:
+        book = load_price_book(price_book)
+    except (OSError, PriceBookError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    session = QuoteSession(book, plan)
+    decimals = book.token.decimals
+    total, rated, errors = 0, 0, 0
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        if not raw.strip():
+            continue
+        try:
+            lines = session.rate(quote_decoder.decode(raw))
+        except (msgspec.DecodeError, msgspec.ValidationError, LookupError) as exc:
+            errors += 1
+            typer.echo(json.dumps({"line": number, "error": str(exc)}))
+            continue
+        rated += 1
+        amount = sum(c.amount_base_units for c in lines)
+        total += amount
+        charges = [
+            {
+                "meter": c.meter,
+                "quantity": str(c.quantity),
+                "unit": c.unit,
+                "unit_price": str(c.unit_price),
+                "amount": str(c.amount),
+                "amount_base_units": c.amount_base_units,
+                "price_version": c.price_version,
+            }
+            for c in lines
+        ]
+        typer.echo(
+            json.dumps(
+                {
+                    "line": number,
+                    "charges": charges,
+                    "total": _decimal_text(amount, decimals),
+                    "total_base_units": amount,
+                }
+            )
+        )
+    # Each API billing period the lines touched also pays its tier's fee once (seed 004).
+    period_fees = session.period_fees()
+    total += sum(fee.amount_base_units for *_, fee in period_fees)
+    fees = [
+        {
+            "subject": subject,
+            "plan": tier,
+            "period": month,
+            "fee": str(fee.amount),
+            "fee_base_units": fee.amount_base_units,
+        }
+        for subject, tier, month, fee in period_fees
+    ]
+    summary = {
+        "total": _decimal_text(total, decimals),
+        "total_base_units": total,
+        "token": book.token.symbol,
+        "lines": rated,
+        "errors": errors,
+        "period_fees": fees,
+    }
+    typer.echo(json.dumps(summary))
+
+
+def _decimal_text(base_units: int, decimals: int) -> str:
+    from decimal import Decimal
+
+    return str(Decimal(base_units).scaleb(-decimals))
+
+
 @app.command()
 def demo(
     events: Annotated[int, typer.Option(help="Events to publish.")] = 100_000,
