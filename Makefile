@@ -30,9 +30,10 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced ## create the virtualenv and install exactly the locked dependencies
 
-up: install ## start Kafka, Postgres and Redis on loopback (deploy/local) and create the topics
+up: install ## start Kafka, Postgres and Redis on loopback (deploy/local), create the topics, migrate
 	@$(LOCAL) start
 	@$(TALLY) topics create
+	@$(TALLY) db upgrade
 
 down: ## stop everything `make up` started
 	@$(LOCAL) stop

@@ -22,8 +22,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or check the settings (TALLY_* environment variables).")
 topics_app = typer.Typer(help="Kafka topics Tally uses.", no_args_is_help=True)
+db_app = typer.Typer(help="Databases: schema migrations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
+app.add_typer(db_app, name="db")
 console = Console(stderr=True)
 
 
@@ -59,6 +61,17 @@ def topics_create() -> None:
     purposes = {t.name: t.purpose for t in declared_topics(settings)}
     for name, status in results:
         typer.echo(f"{name:40s} {status:8s} {settings.partitions} partitions  {purposes[name]}")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Postgres migrations (idempotent)."""
+    from pipeline.settings import mask_url
+    from sinks.postgres import upgrade
+
+    settings = _settings()
+    upgrade(settings)
+    console.print(f"postgres schema up to date at {mask_url(settings.postgres_url)}")
 
 
 @app.command()

@@ -16,10 +16,14 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
 
 from pipeline.loadgen import account_ids
-from pipeline.settings import REPO_ROOT, Settings, load_settings
+from pipeline.settings import REPO_ROOT, Settings, load_settings, mask_url
 from pipeline.topics import create_topics
+from sinks.postgres import upgrade
 
 HOW_TO_PROVIDE = (
     "start the local stack with `make up` (or deploy/local/tally-local start), "
@@ -65,6 +69,23 @@ def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) 
     require_kafka(settings)
     asyncio.run(create_topics(settings))
     return settings
+
+
+def isolated_database(settings: Settings) -> Settings:
+    """A new, empty, migrated Postgres database for one test; settings pointing at it."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')  # a generated identifier, not input
+    except psycopg.OperationalError as exc:
+        raise ServiceUnavailableError(
+            f"Postgres is not reachable at {mask_url(settings.postgres_url)} ({exc}): start the local stack "
+            "with `make up` (or deploy/local/tally-local start postgres), or set TALLY_POSTGRES_URL"
+        ) from None
+    parts = urlsplit(settings.postgres_url)
+    isolated = settings.model_copy(update={"postgres_url": urlunsplit(parts._replace(path=f"/{name}"))})
+    upgrade(isolated)
+    return isolated
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

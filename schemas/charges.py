@@ -1,0 +1,43 @@
+"""Charge records: what rating produces and the ledger stores (DESIGN.md "Charge identity").
+
+A charge is identified by UUIDv5 over (account, meter, dimensions, window start, revision): the
+same window rated again (a replay, a second worker) gets the same id, so every sink can be
+idempotent on it; a late event produces a new revision, an adjustment, never an edit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import msgspec
+
+# Fixed namespace for charge ids (uuid5 of the project's name in the URL namespace).
+CHARGE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:tally:charge")
+
+
+def charge_id(
+    account: str, meter: str, dimensions: dict[str, str], window_start: datetime, revision: int
+) -> uuid.UUID:
+    dims = ",".join(f"{k}={dimensions[k]}" for k in sorted(dimensions))
+    name = f"{account}\x1f{meter}\x1f{dims}\x1f{window_start.isoformat()}\x1f{revision}"
+    return uuid.uuid5(CHARGE_NAMESPACE, name)
+
+
+class Charge(msgspec.Struct, frozen=True, kw_only=True):
+    """One rated charge line of one account's window, in the token's base units."""
+
+    charge_id: uuid.UUID
+    account: str
+    meter: str
+    dimensions: dict[str, str]
+    window_start: datetime
+    revision: int = 0
+    quantity: str  # exact decimal text
+    unit: str
+    unit_price: str  # exact decimal text
+    amount_base_units: int
+    price_version: str
+    # When set, the charge pays a provider (GPU rental): the platform fee is split off it.
+    provider_id: str | None = None
+    platform_fee_base_units: int = 0

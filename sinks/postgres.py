@@ -1,0 +1,174 @@
+"""Postgres: migrations and the ledger writer (SQLAlchemy 2 Core over psycopg 3).
+
+``LedgerWriter.write`` stores a batch of charges in ONE transaction, in this order:
+1. insert the charges with ``ON CONFLICT (charge_id) DO NOTHING RETURNING charge_id`` (one
+   multi-row statement): the ids that come back are the charges this call is the first to store;
+2. insert the double-entry ledger entries of those charges only (one multi-row statement):
+   customer debit = provider credit + platform credit, so debits equal credits per charge;
+3. add each ledger account's net change to its balance (one upsert per batch);
+4. commit. A replayed batch finds every charge id present at step 1 and changes nothing, so the
+   writer is idempotent on charge_id, whatever crashed and retried.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    create_engine,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+
+from pipeline.settings import Settings
+from schemas.charges import Charge
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+
+metadata = MetaData()
+charges_table = Table(
+    "charges",
+    metadata,
+    Column("charge_id", UUID(as_uuid=True), primary_key=True),
+    Column("account_id", Text),
+    Column("meter", Text),
+    Column("dimensions", JSONB),
+    Column("window_start", DateTime(timezone=True)),
+    Column("revision", Integer),
+    Column("quantity", Numeric),
+    Column("unit", Text),
+    Column("unit_price", Numeric),
+    Column("amount_base_units", BigInteger),
+    Column("price_version", Text),
+    Column("provider_id", Text),
+    Column("platform_fee_base_units", BigInteger),
+)
+ledger_table = Table(
+    "ledger_entries",
+    metadata,
+    Column("charge_id", UUID(as_uuid=True)),
+    Column("ledger_account", Text),
+    Column("side", Text),
+    Column("amount_base_units", BigInteger),
+)
+balances_table = Table(
+    "balances",
+    metadata,
+    Column("ledger_account", Text, primary_key=True),
+    Column("balance_base_units", BigInteger),
+)
+PLATFORM = "platform"
+
+
+def sqlalchemy_url(settings: Settings) -> str:
+    """The settings' Postgres URL with SQLAlchemy's psycopg 3 driver named."""
+    parts = urlsplit(settings.postgres_url)
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
+
+
+def upgrade(settings: Settings) -> None:
+    """Apply every Postgres migration (``tally db upgrade``)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(settings).replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def ledger_entries(charge: Charge) -> list[dict[str, Any]]:
+    """The double-entry rows of one charge: the customer's debit, balanced by credits."""
+    if charge.amount_base_units == 0:
+        return []
+    rows = [_entry(charge, f"customer:{charge.account}", "debit", charge.amount_base_units)]
+    if charge.provider_id is not None:
+        earnings = charge.amount_base_units - charge.platform_fee_base_units
+        if earnings:
+            rows.append(_entry(charge, f"provider:{charge.provider_id}", "credit", earnings))
+        if charge.platform_fee_base_units:
+            rows.append(_entry(charge, PLATFORM, "credit", charge.platform_fee_base_units))
+    else:
+        rows.append(_entry(charge, PLATFORM, "credit", charge.amount_base_units))
+    return rows
+
+
+def _entry(charge: Charge, account: str, side: str, amount: int) -> dict[str, Any]:
+    return {
+        "charge_id": charge.charge_id,
+        "ledger_account": account,
+        "side": side,
+        "amount_base_units": amount,
+    }
+
+
+class LedgerWriter:
+    def __init__(self, settings: Settings) -> None:
+        self.engine: Engine = create_engine(sqlalchemy_url(settings), pool_size=2, max_overflow=0)
+
+    def write(self, charges: Sequence[Charge]) -> int:
+        """Store ``charges`` with their ledger entries and balance changes, idempotently (see the
+        module's steps); return how many were new."""
+        if not charges:
+            return 0
+        by_id = {c.charge_id: c for c in charges}
+        with self.engine.begin() as connection:
+            rows = [
+                {
+                    "charge_id": c.charge_id,
+                    "account_id": c.account,
+                    "meter": c.meter,
+                    "dimensions": c.dimensions,
+                    "window_start": c.window_start,
+                    "revision": c.revision,
+                    "quantity": c.quantity,
+                    "unit": c.unit,
+                    "unit_price": c.unit_price,
+                    "amount_base_units": c.amount_base_units,
+                    "price_version": c.price_version,
+                    "provider_id": c.provider_id,
+                    "platform_fee_base_units": c.platform_fee_base_units,
+                }
+                for c in by_id.values()
+            ]
+            statement = (
+                insert(charges_table)
+                .values(rows)
+                .on_conflict_do_nothing()
+                .returning(charges_table.c.charge_id)
+            )
+            new = [by_id[row.charge_id] for row in connection.execute(statement)]  # step 1
+            entries = [entry for charge in new for entry in ledger_entries(charge)]
+            if entries:
+                connection.execute(insert(ledger_table).values(entries))  # step 2
+                deltas: dict[str, int] = defaultdict(int)
+                for entry in entries:
+                    sign = -1 if entry["side"] == "debit" else 1
+                    deltas[entry["ledger_account"]] += sign * entry["amount_base_units"]
+                upsert = insert(balances_table).values(
+                    [{"ledger_account": a, "balance_base_units": d} for a, d in sorted(deltas.items())]
+                )
+                connection.execute(  # step 3; sorted keys: concurrent writers lock rows in one order
+                    upsert.on_conflict_do_update(
+                        index_elements=[balances_table.c.ledger_account],
+                        set_={
+                            "balance_base_units": balances_table.c.balance_base_units
+                            + upsert.excluded.balance_base_units
+                        },
+                    )
+                )
+        return len(new)  # step 4 happened when the ``begin`` block closed
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,107 @@
+"""The Postgres ledger on a real server: idempotent on charge_id, debits equal credits."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from pipeline.settings import load_settings
+from pipeline.testing import isolated_database
+from schemas.charges import Charge, charge_id
+from sinks.postgres import LedgerWriter
+
+
+def charges(count: int, seed: int = 1, first_minute: int = 0) -> list[Charge]:
+    rng = random.Random(seed)
+    start = datetime(2026, 11, 24, tzinfo=UTC)
+    out = []
+    for i in range(count):
+        account = f"acct-{rng.randint(0, 19):05d}"
+        window = start + timedelta(minutes=first_minute + i)
+        provider = f"prov-{rng.randint(1, 3):02d}" if i % 2 else None
+        amount = rng.randint(0, 5_000_000)
+        out.append(
+            Charge(
+                charge_id=charge_id(account, "gpu", {"gpu_model": "a100"}, window, 0),
+                account=account,
+                meter="gpu",
+                dimensions={"gpu_model": "a100"},
+                window_start=window,
+                quantity="0.0166666",
+                unit="gpu_hour",
+                unit_price="2.5",
+                amount_base_units=amount,
+                price_version="2026-01-01T00:00:00Z",
+                provider_id=provider,
+                platform_fee_base_units=amount * 5 // 100 if provider else 0,
+            )
+        )
+    return out
+
+
+def test_charges_ledger_and_balances_are_written_once_and_balance(tmp_path: Path) -> None:
+    settings = isolated_database(load_settings(data_dir=tmp_path))
+    writer = LedgerWriter(settings)
+    try:
+        batch = charges(1_000)
+        assert writer.write(batch) == 1_000
+        assert writer.write(batch) == 0  # a replay changes nothing
+        assert (
+            writer.write(batch[:10] + charges(5, seed=2, first_minute=10_000)) == 5
+        )  # a mix: only the new ones count
+        with writer.engine.connect() as db:
+            stored = db.execute(
+                text("SELECT count(*), coalesce(sum(amount_base_units), 0) FROM charges")
+            ).one()
+            debits, credits = db.execute(
+                text(
+                    "SELECT coalesce(sum(amount_base_units) FILTER (WHERE side = 'debit'), 0),"
+                    " coalesce(sum(amount_base_units) FILTER (WHERE side = 'credit'), 0)"
+                    " FROM ledger_entries"
+                )
+            ).one()
+            balances = db.execute(
+                text("SELECT coalesce(sum(balance_base_units), 0) FROM balances")
+            ).scalar_one()
+            customer = db.execute(
+                text("SELECT balance_base_units FROM balances WHERE ledger_account = 'customer:acct-00000'")
+            ).scalar_one()
+            platform = db.execute(
+                text("SELECT balance_base_units FROM balances WHERE ledger_account = 'platform'")
+            ).scalar_one()
+        every = batch + charges(5, seed=2, first_minute=10_000)
+        assert stored == (1_005, sum(c.amount_base_units for c in every))
+        assert debits == credits == stored[1]
+        assert balances == 0  # double entry: the balances of all ledger accounts cancel out
+        assert customer == -sum(c.amount_base_units for c in every if c.account == "acct-00000")
+        assert platform == sum(
+            c.platform_fee_base_units if c.provider_id else c.amount_base_units for c in every
+        )
+    finally:
+        writer.close()
+
+
+def test_the_audit_log_is_append_only(tmp_path: Path) -> None:
+    settings = isolated_database(load_settings(data_dir=tmp_path))
+    with psycopg.connect(settings.postgres_url, autocommit=True) as db:
+        db.execute(
+            "INSERT INTO audit_log (actor, action, subject) VALUES (%s, %s, %s)", ("ops", "deposit", "acct-1")
+        )
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            db.execute("UPDATE audit_log SET actor = %s", ("someone else",))
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            db.execute("DELETE FROM audit_log")
+        assert db.execute("SELECT count(*) FROM audit_log").fetchone() == (1,)
+
+
+def test_charge_ids_are_deterministic_and_revisions_differ() -> None:
+    window = datetime(2026, 11, 24, 10, tzinfo=UTC)
+    first = charge_id("acct-1", "gpu", {"gpu_model": "a100", "region": "eu"}, window, 0)
+    assert first == charge_id("acct-1", "gpu", {"region": "eu", "gpu_model": "a100"}, window, 0)
+    assert first != charge_id("acct-1", "gpu", {"gpu_model": "a100", "region": "eu"}, window, 1)
+    assert first.version == 5
