@@ -16,6 +16,7 @@ import faust
 from mode import Service
 
 from agents.ingest import IngestStage
+from agents.ledger import LedgerStage
 from agents.meter import DedupeStage
 from pipeline.settings import Settings
 from pipeline.transactional import Stage, TransactionalLoop
@@ -71,7 +72,7 @@ def service_for(stage_loop: TransactionalLoop) -> type[StageService]:
 
 
 def stages(settings: Settings) -> list[Stage]:
-    return [IngestStage(settings), DedupeStage(settings)]
+    return [IngestStage(settings), DedupeStage(settings), LedgerStage(settings)]
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     topic_valid: str = "usage.valid"
     topic_accepted: str = "usage.accepted"
     topic_rejected: str = "usage.rejected"
+    topic_charges: str = "charges"
     partitions: Annotated[int, Field(ge=1, le=1024)] = 6
     replication_factor: Annotated[int, Field(ge=1, le=16)] = 1
 
@@ -126,7 +127,7 @@ class Settings(BaseSettings):
             raise ValueError(f"expected chdb:///path or http(s)://host:port, got {mask_url(value)!r}")
         return value
 
-    @field_validator("topic_raw", "topic_valid", "topic_accepted", "topic_rejected")
+    @field_validator("topic_raw", "topic_valid", "topic_accepted", "topic_rejected", "topic_charges")
     @classmethod
     def _topic(cls, value: str) -> str:
         if not _TOPIC_NAME.match(value):
@@ -149,8 +150,15 @@ class Settings(BaseSettings):
             problems.append("future_tolerance must not be negative")
         if self.dedupe_horizon < timedelta(hours=1):
             problems.append("dedupe_horizon must be at least 1 hour")
-        if len({self.topic_raw, self.topic_valid, self.topic_accepted, self.topic_rejected}) != 4:
-            problems.append("the four usage topics must have distinct names")
+        topics = {
+            self.topic_raw,
+            self.topic_valid,
+            self.topic_accepted,
+            self.topic_rejected,
+            self.topic_charges,
+        }
+        if len(topics) != 5:
+            problems.append("the topics must have distinct names")
         if problems:
             raise ValueError("; ".join(problems))
         return self

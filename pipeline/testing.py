@@ -61,6 +61,7 @@ def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) 
         "topic_valid": f"test-{run}.usage.valid",
         "topic_accepted": f"test-{run}.usage.accepted",
         "topic_rejected": f"test-{run}.usage.rejected",
+        "topic_charges": f"test-{run}.charges",
         "accounts_file": accounts_file,
         "session_timeout_ms": 6_000,
         **overrides,

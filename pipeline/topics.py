@@ -50,6 +50,11 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
             "dead letters: original bytes + reason headers",
             {"retention.ms": str(horizon_ms + DAY_MS), "max.message.bytes": str(MAX_DEAD_LETTER_BYTES)},
         ),
+        TopicSpec(
+            settings.topic_charges,
+            "rated charge lines, batched per partition of murmur2(account)",
+            {"retention.ms": str(horizon_ms + DAY_MS)},
+        ),
         # One record per commit holding that commit's marks. Keys are not per mark, so compaction
         # would not shrink it; marks older than the horizon are useless, so plain time retention.
         TopicSpec(

@@ -76,6 +76,11 @@ class Outcome:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+class RetryLaterError(Exception):
+    """A task could not complete its work for a passing reason (a sink is down). The loop treats
+    it like a failed transaction: nothing is committed, the partition rewinds and is retried."""
+
+
 class PartitionTask(Protocol):
     """The stage's logic for one input partition."""
 
@@ -166,7 +171,16 @@ class TransactionalLoop:
     async def _transact(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         task = self._tasks[tp]
         producer = self._producers[tp]
-        outcome = task.process(records, self.clock())  # step 1
+        try:
+            outcome = task.process(records, self.clock())  # step 1
+        except RetryLaterError as exc:
+            log.warning("%s: %s; retrying %s in %.0f s", self.stage.name, exc, tp, RETRY_DELAY_S)
+            assert self._consumer is not None
+            self._consumer.pause(tp)
+            await self._rewind(tp, records[0].offset)
+            await self._close_partitions({tp})
+            self._open_in_background(tp, self._generation, RETRY_DELAY_S)
+            return
         try:
             async with producer.transaction():  # steps 2 and 5
                 futures = [

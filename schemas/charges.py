@@ -24,7 +24,7 @@ def charge_id(
     return uuid.uuid5(CHARGE_NAMESPACE, name)
 
 
-class Charge(msgspec.Struct, frozen=True, kw_only=True):
+class Charge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One rated charge line of one account's window, in the token's base units."""
 
     charge_id: uuid.UUID
@@ -41,3 +41,8 @@ class Charge(msgspec.Struct, frozen=True, kw_only=True):
     # When set, the charge pays a provider (GPU rental): the platform fee is split off it.
     provider_id: str | None = None
     platform_fee_base_units: int = 0
+
+
+# The ``charges`` topic: each message a JSON array of charges of accounts on one partition.
+charges_decoder: msgspec.json.Decoder[list[Charge]] = msgspec.json.Decoder(list[Charge])
+charges_encoder = msgspec.json.Encoder()

@@ -41,6 +41,7 @@ class Reason(StrEnum):
 class Stage(StrEnum):
     INGEST = "ingest"
     METER = "meter"
+    LEDGER = "ledger"
 
 
 class Rejection(msgspec.Struct, frozen=True):

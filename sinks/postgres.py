@@ -104,6 +104,16 @@ def ledger_entries(charge: Charge) -> list[dict[str, Any]]:
     return rows
 
 
+# Postgres takes at most 65,535 bind parameters per statement: a multi-row insert carries at most
+# this many values, so a batch of N rows x C columns goes as ceil(N x C / 60,000) statements.
+MAX_PARAMETERS = 60_000
+
+
+def _chunks(rows: list[dict[str, Any]], columns: int) -> list[list[dict[str, Any]]]:
+    per_statement = MAX_PARAMETERS // columns
+    return [rows[i : i + per_statement] for i in range(0, len(rows), per_statement)]
+
+
 def _entry(charge: Charge, account: str, side: str, amount: int) -> dict[str, Any]:
     return {
         "charge_id": charge.charge_id,
@@ -142,16 +152,19 @@ class LedgerWriter:
                 }
                 for c in by_id.values()
             ]
-            statement = (
-                insert(charges_table)
-                .values(rows)
-                .on_conflict_do_nothing()
-                .returning(charges_table.c.charge_id)
-            )
-            new = [by_id[row.charge_id] for row in connection.execute(statement)]  # step 1
+            new: list[Charge] = []
+            for chunk in _chunks(rows, len(charges_table.columns)):  # step 1
+                statement = (
+                    insert(charges_table)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .returning(charges_table.c.charge_id)
+                )
+                new += [by_id[row.charge_id] for row in connection.execute(statement)]
             entries = [entry for charge in new for entry in ledger_entries(charge)]
             if entries:
-                connection.execute(insert(ledger_table).values(entries))  # step 2
+                for chunk in _chunks(entries, len(ledger_table.columns)):  # step 2
+                    connection.execute(insert(ledger_table).values(chunk))
                 deltas: dict[str, int] = defaultdict(int)
                 for entry in entries:
                     sign = -1 if entry["side"] == "debit" else 1

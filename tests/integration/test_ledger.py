@@ -48,11 +48,11 @@ def test_charges_ledger_and_balances_are_written_once_and_balance(tmp_path: Path
     settings = isolated_database(load_settings(data_dir=tmp_path))
     writer = LedgerWriter(settings)
     try:
-        batch = charges(1_000)
-        assert writer.write(batch) == 1_000
+        batch = charges(10_000)  # 130,000 values: more than one statement may carry
+        assert writer.write(batch) == 10_000
         assert writer.write(batch) == 0  # a replay changes nothing
         assert (
-            writer.write(batch[:10] + charges(5, seed=2, first_minute=10_000)) == 5
+            writer.write(batch[:10] + charges(5, seed=2, first_minute=100_000)) == 5
         )  # a mix: only the new ones count
         with writer.engine.connect() as db:
             stored = db.execute(
@@ -74,8 +74,8 @@ def test_charges_ledger_and_balances_are_written_once_and_balance(tmp_path: Path
             platform = db.execute(
                 text("SELECT balance_base_units FROM balances WHERE ledger_account = 'platform'")
             ).scalar_one()
-        every = batch + charges(5, seed=2, first_minute=10_000)
-        assert stored == (1_005, sum(c.amount_base_units for c in every))
+        every = batch + charges(5, seed=2, first_minute=100_000)
+        assert stored == (10_005, sum(c.amount_base_units for c in every))
         assert debits == credits == stored[1]
         assert balances == 0  # double entry: the balances of all ledger accounts cancel out
         assert customer == -sum(c.amount_base_units for c in every if c.account == "acct-00000")
