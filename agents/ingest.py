@@ -53,7 +53,7 @@ from schemas.events import (
     event_decoder,
     valid_encoder,
 )
-from schemas.rejections import Reason, Rejection, Stage
+from schemas.rejections import Reason, Rejection, Stage, rejection_counters
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +352,11 @@ class IngestTask:
             for partition, chunk in result.accepted.messages()
         ]
         messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
-        counters = {"records": len(records), "accepted": result.accepted.count}
-        for rejection in result.rejected:
-            counters[f"rejected.{rejection.reason}"] = counters.get(f"rejected.{rejection.reason}", 0) + 1
+        counters = {
+            "records": len(records),
+            "accepted": result.accepted.count,
+            **rejection_counters(result.rejected),
+        }
         return Outcome(messages, counters=counters)
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:

@@ -25,7 +25,7 @@ from agents.ingest import rejection_message
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, RetryLaterError
 from schemas.charges import Charge, charges_decoder
-from schemas.rejections import Reason, Rejection, Stage
+from schemas.rejections import Reason, Rejection, Stage, rejection_counters
 from sinks.postgres import LedgerWriter
 
 
@@ -57,7 +57,9 @@ class LedgerTask:
         except OperationalError as exc:
             raise RetryLaterError(f"Postgres unavailable: {str(exc.orig).strip()[:300]}") from exc
         messages = [rejection_message(self.rejected_topic, r) for r in rejected]
-        return Outcome(messages, counters={"charges": len(charges), "new": new, "rejected": len(rejected)})
+        return Outcome(
+            messages, counters={"charges": len(charges), "new": new, **rejection_counters(rejected)}
+        )
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
         return None

@@ -31,6 +31,7 @@ from agents.ingest import rejection_message
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
 from schemas.events import cut_by_size, encode_batch
+from schemas.rejections import rejection_counters
 from sinks.statestore import PartitionStore
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,11 @@ class DedupeTask:
             for chunk in cut_by_size(result.accepted)
         )
         messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
-        counters = {"accepted": len(result.accepted), "duplicates": result.duplicates}
-        for rejection in result.rejected:
-            counters[f"rejected.{rejection.reason}"] = counters.get(f"rejected.{rejection.reason}", 0) + 1
+        counters = {
+            "accepted": len(result.accepted),
+            "duplicates": result.duplicates,
+            **rejection_counters(result.rejected),
+        }
         return Outcome(messages, state=(result.marks, changelog_records), counters=counters)
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:

@@ -68,3 +68,12 @@ def reason_of(headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]) 
         if name == "tally.reason":
             return value.decode()
     return None
+
+
+def rejection_counters(rejections: list[Rejection]) -> dict[str, int]:
+    """``rejected.<reason>`` -> count, for a stage's counters."""
+    counts: dict[str, int] = {}
+    for rejection in rejections:
+        name = f"rejected.{rejection.reason}"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
