@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.rating import (
+    ChargeLine,
     price,
     rate_api_fee,
     rate_api_requests,
@@ -28,6 +29,30 @@ DEFAULT = Path(__file__).resolve().parents[2] / "schemas" / "pricebooks" / "defa
 BOOK = load_price_book(DEFAULT)
 V = BOOK.version_at(datetime(2026, 11, 24, tzinfo=UTC))
 D = BOOK.token.decimals
+
+
+def gpu(
+    model: str,
+    seconds: int,
+    total_gb: int,
+    allocated_gb: int,
+    watts: int,
+    *,
+    demand: Decimal | None = None,
+    provider_minimum: Decimal | None = None,
+) -> ChargeLine:
+    """One GPU charge line with the default book."""
+    return rate_gpu(
+        V,
+        D,
+        model,
+        seconds,
+        vram_total_gb=Decimal(total_gb),
+        vram_allocated_gb=Decimal(allocated_gb),
+        power_watts=Decimal(watts),
+        demand=demand,
+        provider_minimum=provider_minimum,
+    )
 
 
 def usdc(text: str) -> int:
@@ -58,58 +83,22 @@ def test_growth_and_enterprise_tiers() -> None:
 
 def test_sixty_minutes_at_2_5_per_hour_is_2_5() -> None:
     # An a100 (2.00/h base) at a full card, 500 W (+0.50/h): 2.50 per hour.
-    charge = rate_gpu(
-        V, D, "a100", 3600, vram_total_gb=Decimal(80), vram_allocated_gb=Decimal(80), power_watts=Decimal(500)
-    )
+    charge = gpu("a100", 3600, 80, 80, 500)
     assert charge.unit_price == Decimal("2.5")
     assert charge.amount_base_units == usdc("2.5")
 
 
 def test_half_a_24_gb_card_pays_half_the_base_rate() -> None:
-    half = rate_gpu(
-        V,
-        D,
-        "rtx_4090",
-        3600,
-        vram_total_gb=Decimal(24),
-        vram_allocated_gb=Decimal(12),
-        power_watts=Decimal(0),
-    )
+    half = gpu("rtx_4090", 3600, 24, 12, 0)
     assert half.amount_base_units == usdc("0.25")
 
 
 def test_power_adds_to_the_hourly_rate_and_the_provider_minimum_floors_it() -> None:
-    with_power = rate_gpu(
-        V,
-        D,
-        "rtx_4090",
-        3600,
-        vram_total_gb=Decimal(24),
-        vram_allocated_gb=Decimal(24),
-        power_watts=Decimal(350),
-    )
+    with_power = gpu("rtx_4090", 3600, 24, 24, 350)
     assert with_power.unit_price == Decimal("0.85")  # 0.50 + 350 W x 0.001
-    floored = rate_gpu(
-        V,
-        D,
-        "rtx_4090",
-        60,
-        vram_total_gb=Decimal(24),
-        vram_allocated_gb=Decimal(6),
-        power_watts=Decimal(0),
-        provider_minimum=Decimal("1.20"),
-    )
+    floored = gpu("rtx_4090", 60, 24, 6, 0, provider_minimum=Decimal("1.20"))
     assert floored.unit_price == Decimal("1.20")
-    doubled = rate_gpu(
-        V,
-        D,
-        "h100",
-        1800,
-        vram_total_gb=Decimal(80),
-        vram_allocated_gb=Decimal(80),
-        power_watts=Decimal(0),
-        demand=Decimal(2),
-    )
+    doubled = gpu("h100", 1800, 80, 80, 0, demand=Decimal(2))
     assert doubled.amount_base_units == usdc("4")
 
 
@@ -250,18 +239,10 @@ def test_quota_total_does_not_depend_on_arrival_order_or_windows(windows: list[i
 
 @given(st.lists(st.integers(min_value=1, max_value=7_200), min_size=1, max_size=10))
 def test_splitting_usage_across_windows_moves_the_total_by_at_most_the_rounding(pieces: list[int]) -> None:
-    def gpu(seconds: int) -> int:
-        return rate_gpu(
-            V,
-            D,
-            "h100",
-            seconds,
-            vram_total_gb=Decimal(80),
-            vram_allocated_gb=Decimal(20),
-            power_watts=Decimal(333),
-        ).amount_base_units
+    def h100(seconds: int) -> int:
+        return gpu("h100", seconds, 80, 20, 333).amount_base_units
 
-    split_total = sum(gpu(s) for s in pieces)
-    whole = gpu(sum(pieces))
+    split_total = sum(h100(s) for s in pieces)
+    whole = h100(sum(pieces))
     # Each line rounds once, by at most half a base unit: n pieces and the whole, n + 1 roundings.
     assert 2 * abs(split_total - whole) <= len(pieces) + 1
