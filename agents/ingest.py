@@ -362,6 +362,9 @@ class IngestTask:
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
         return None
 
+    def tick(self, now: datetime) -> Outcome | None:
+        return None
+
     def close(self) -> None:
         return None
 

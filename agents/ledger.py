@@ -64,6 +64,9 @@ class LedgerTask:
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
         return None
 
+    def tick(self, now: datetime) -> Outcome | None:
+        return None
+
     def close(self) -> None:
         return None
 

@@ -1,108 +1,206 @@
-"""Meter, first part: the dedupe stage, ``usage.valid`` -> ``usage.accepted`` (shell).
+"""Meter: ``usage.valid`` -> ``usage.accepted`` + ``charges`` (shell: dedupe, window, rate).
 
-The logic is ``agents.dedupe`` (pure). This shell gives it a RocksDB store per input partition
-(``sinks.statestore``) and a changelog topic, and runs on the exactly-once loop
-(``pipeline.transactional``), so per poll and partition one Kafka transaction holds:
-the accepted batch (one message, to the same partition number of ``usage.accepted``: both topics are
-partitioned by account), the ``id_conflict`` dead letters, ONE changelog message with every new mark
-of the poll, and the consumed offsets.
+The logic is pure: ``agents.dedupe`` (identity marks) and ``agents.window`` (windows, rating).
+This shell gives them a RocksDB store per input partition (``sinks.statestore``) and ONE changelog
+topic for both, and runs on the exactly-once loop (``pipeline.transactional``), so per poll and
+partition one Kafka transaction holds: the accepted batch (to the same partition number of
+``usage.accepted``: the topics are all partitioned by account), the charges of the windows the poll
+closed (to ``charges``, same partition number), the dead letters (``id_conflict``, ``too_late``,
+``unpriced``), ONE changelog message with every state change of the poll (new marks, open and closed
+windows, period usage, watermark), and the consumed offsets.
 
 Order of steps, and the guarantee each gives:
 1. on assignment, ``restore``: replay the changelog partition from the offset the local store
-   recorded to its last committed record. The store then holds every mark committed by any worker.
-2. ``process``: dedupe against pending marks, then the store. Marks are only pending.
-3. the loop commits the transaction (outputs + changelog + offsets) - the commit point.
-4. ``committed``: the pending marks and the changelog offset after them go into the store in one
-   atomic write. A crash before 4 is repaired by 1 on the next start.
-An event is thus marked seen in the same commit that makes it accepted, never earlier or later.
+   recorded to its last committed record; then load the open windows and the watermark from it.
+   The store then holds every change committed by any worker.
+2. ``process``: dedupe against pending marks, then the store; add each accepted event to its window
+   (or reject it); close the windows the watermark passed and rate them. All changes are pending.
+3. the loop commits the transaction (outputs + charges + changelog + offsets) - the commit point.
+4. ``committed``: the pending changes and the changelog offset after them go into the store in one
+   atomic write. A crash before 4 is repaired by 1 on the next start; a failed transaction drops
+   the task (its in-memory windows included) and reopens it from the store and changelog.
+So an event is marked seen, added to its window, and its window's charges are published in the
+same commit - never one without the others. Idle partitions: ``tick`` closes windows by the wall
+clock, in a transaction of its own (changelog + charges, no offsets).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from agents.dedupe import DedupeResult, decode_marks, dedupe_message, encode_marks
 from agents.ingest import rejection_message
+from agents.window import (
+    OPEN,
+    WATERMARK,
+    Tally,
+    TooLateError,
+    WindowConfig,
+    WindowKey,
+    WindowResult,
+    Windows,
+    decode_key,
+)
+from pipeline.plans import PlanDirectory
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
-from schemas.events import cut_by_size, encode_batch
-from schemas.rejections import rejection_counters
+from schemas.charges import charges_encoder
+from schemas.events import cut_by_size, encode_batch, event_decoder, identity_key
+from schemas.rejections import Reason, Rejection, Stage, rejection_counters
 from sinks.statestore import PartitionStore
 
 log = logging.getLogger(__name__)
 
 # Changelog records read per restore poll.
 RESTORE_BATCH = 10_000
+_tally_decoder = msgspec.msgpack.Decoder(Tally)
 
 
-def dedupe_changelog_topic(settings: Settings) -> str:
-    return f"{settings.app_id}-meter-dedupe-changelog"
+def meter_changelog_topic(settings: Settings) -> str:
+    return f"{settings.app_id}-meter-changelog"
 
 
-class DedupeTask:
-    def __init__(self, settings: Settings, partition: int, store: PartitionStore) -> None:
+def window_config(settings: Settings) -> WindowConfig:
+    return WindowConfig(
+        size=int(settings.window_size.total_seconds()),
+        grace=int(settings.window_grace.total_seconds()),
+        horizon=int(settings.dedupe_horizon.total_seconds()),
+    )
+
+
+class MeterTask:
+    def __init__(
+        self, settings: Settings, partition: int, store: PartitionStore, plans: PlanDirectory
+    ) -> None:
         self.partition = partition
         self.store = store
+        self.plans = plans
         self.accepted_topic = settings.topic_accepted
         self.rejected_topic = settings.topic_rejected
-        self.changelog_topic = dedupe_changelog_topic(settings)
+        self.charges_topic = settings.topic_charges
+        self.changelog_topic = meter_changelog_topic(settings)
         self.origin_prefix = f"{settings.topic_valid}/{partition}/"
+        self.idle_close = settings.window_idle_close.total_seconds()
+        self.windows = Windows(window_config(settings), plans.plan_of, store.get, *load_windows(store))
+        self._last_input = time.monotonic()
 
     def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome:
+        self._last_input = time.monotonic()
+        self.plans.refresh()
         result = DedupeResult()
         lookup = self.store.get
         prefix = self.origin_prefix
         for record in records:
             dedupe_message(record.value, f"{prefix}{record.offset}", lookup, result)
+        accepted = self._window(result, f"{prefix}{records[0].offset}-{records[-1].offset}")
+        return self._outcome(result.marks, accepted, result, self.windows.close(now))
+
+    def tick(self, now: datetime) -> Outcome | None:
+        """Close windows by the wall clock once the partition has been idle ``idle_close`` s."""
+        if not self.windows.open or time.monotonic() - self._last_input < self.idle_close:
+            return None
+        self.plans.refresh()
+        closed = self.windows.close(now, wall_clock=int(now.timestamp()))
+        if not closed.changes:
+            return None
+        return self._outcome({}, [], DedupeResult(), closed)
+
+    def _window(self, result: DedupeResult, origin: str) -> list[bytes]:
+        """Add each newly accepted event to its window; too late or unpriced ones are rejected
+        instead of accepted (and their marks withdrawn, so a corrected copy is not a duplicate)."""
+        accepted = []
+        add = self.windows.add
+        for raw in result.accepted:
+            try:
+                event = event_decoder.decode(raw)
+            except msgspec.MsgspecError as exc:  # not from ingest: a foreign producer's record
+                result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), raw, origin))
+                continue
+            try:
+                add(event)
+            except LookupError as exc:  # TooLateError, or no price for it (Unpriced, no book version)
+                reason = Reason.TOO_LATE if isinstance(exc, TooLateError) else Reason.UNPRICED
+                result.marks.pop(identity_key(event.source, event.id), None)
+                result.rejected.append(_reject(reason, str(exc).strip("'\""), raw, origin))
+                continue
+            accepted.append(raw)
+        return accepted
+
+    def _outcome(
+        self, marks: dict[bytes, bytes], accepted: list[bytes], result: DedupeResult, closed: WindowResult
+    ) -> Outcome:
+        changes = marks | closed.changes  # disjoint key spaces: marks never start with NUL
         # Changelog records first, so their metadata leads in ``committed``; every message is cut
         # to a bounded size (one poll can bring ~20 MiB of events for a partition).
         messages = [
             Outgoing(self.changelog_topic, record, partition=self.partition)
-            for record in encode_marks(result.marks)
+            for record in encode_marks(changes)
         ]
         changelog_records = len(messages)
         messages.extend(
             Outgoing(self.accepted_topic, encode_batch(chunk), partition=self.partition)
-            for chunk in cut_by_size(result.accepted)
+            for chunk in cut_by_size(accepted)
+        )
+        charges = [charges_encoder.encode(c) for c in closed.charges]
+        messages.extend(
+            Outgoing(self.charges_topic, encode_batch(chunk), partition=self.partition)
+            for chunk in cut_by_size(charges)
         )
         messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
         counters = {
-            "accepted": len(result.accepted),
+            "accepted": len(accepted),
             "duplicates": result.duplicates,
+            "windows_closed": closed.closed,
+            "adjustments": closed.adjustments,
+            "charges": len(closed.charges),
             **rejection_counters(result.rejected),
         }
-        return Outcome(messages, state=(result.marks, changelog_records), counters=counters)
+        return Outcome(messages, state=(changes, changelog_records), counters=counters)
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
-        marks, changelog_records = outcome.state
-        if marks:
-            self.store.apply(marks.items(), metadata[changelog_records - 1].offset + 1)
+        changes, changelog_records = outcome.state
+        if changes:
+            self.store.apply(changes.items(), metadata[changelog_records - 1].offset + 1)
 
     def close(self) -> None:
         self.store.close()
 
 
-class DedupeStage:
+def _reject(reason: Reason, detail: str, raw: bytes, origin: str) -> Rejection:
+    return Rejection(reason=reason, detail=detail, original=raw, origin=origin, stage=Stage.METER)
+
+
+def load_windows(store: PartitionStore) -> tuple[dict[WindowKey, Tally], int]:
+    """The open windows and the watermark a store holds."""
+    open_windows = {decode_key(key): _tally_decoder.decode(value) for key, value in store.items(OPEN)}
+    raw = store.get(WATERMARK)
+    return open_windows, int(raw) if raw else 0
+
+
+class MeterStage:
     name = "meter"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.input_topic = settings.topic_valid
+        self.plans = PlanDirectory(settings)  # one directory (and connection) for all partitions
 
-    async def open_task(self, partition: int) -> DedupeTask:
-        path = self.settings.state_dir / "meter-dedupe" / f"p{partition}"
-        topic = dedupe_changelog_topic(self.settings)
+    async def open_task(self, partition: int) -> MeterTask:
+        path = self.settings.state_dir / "meter" / f"p{partition}"
+        topic = meter_changelog_topic(self.settings)
         store = PartitionStore(path, ttl=mark_ttl(self.settings))
         try:
             await restore(self.settings, topic, partition, store)
         except StoreAheadOfChangelogError as exc:
-            # The changelog was recreated or truncated: the store's marks are not the truth any
-            # more, and trusting them could drop new events as duplicates. Rebuild from the log.
+            # The changelog was recreated or truncated: the store's state is not the truth any
+            # more, and trusting it could drop new events as duplicates. Rebuild from the log.
             log.warning("meter: %s; rebuilding partition %d from the changelog", exc, partition)
             store.close()
             PartitionStore.destroy(path)
@@ -111,7 +209,8 @@ class DedupeStage:
         except BaseException:
             store.close()
             raise
-        return DedupeTask(self.settings, partition, store)
+        self.plans.refresh(force=True)
+        return MeterTask(self.settings, partition, store, self.plans)
 
 
 def mark_ttl(settings: Settings) -> timedelta:

@@ -17,7 +17,7 @@ from mode import Service
 
 from agents.ingest import IngestStage
 from agents.ledger import LedgerStage
-from agents.meter import DedupeStage
+from agents.meter import MeterStage
 from pipeline.settings import Settings
 from pipeline.transactional import Stage, TransactionalLoop
 
@@ -72,7 +72,7 @@ def service_for(stage_loop: TransactionalLoop) -> type[StageService]:
 
 
 def stages(settings: Settings) -> list[Stage]:
-    return [IngestStage(settings), DedupeStage(settings), LedgerStage(settings)]
+    return [IngestStage(settings), MeterStage(settings), LedgerStage(settings)]
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     future_tolerance: timedelta = timedelta(minutes=5)
     # Dedupe horizon and correction horizon: older events are ``too_late``.
     dedupe_horizon: timedelta = timedelta(days=35)
+    # Meter windows (event time): size, grace for late events, and how long a partition may be
+    # idle before the wall clock closes its windows (else the last windows of a stream would wait
+    # for the next event). Later than the grace but within dedupe_horizon: an adjustment charge.
+    window_size: timedelta = timedelta(seconds=60)
+    window_grace: timedelta = timedelta(minutes=5)
+    window_idle_close: timedelta = timedelta(seconds=30)
+    # Price books: ``<name>.yaml`` files in this directory. An account is rated with its plan's
+    # book (Postgres ``plans.price_book``); an account without a plan with ``default_price_book``.
+    price_books_dir: Path = REPO_ROOT / "schemas" / "pricebooks"
+    default_price_book: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")] = "default"
+    # How often the meter re-reads account plans from Postgres.
+    plans_refresh: timedelta = timedelta(seconds=30)
     # Optional file of known account ids (one per line). Unset: every well-formed subject is known.
     accounts_file: Path | None = None
 
@@ -150,6 +162,20 @@ class Settings(BaseSettings):
             problems.append("future_tolerance must not be negative")
         if self.dedupe_horizon < timedelta(hours=1):
             problems.append("dedupe_horizon must be at least 1 hour")
+        if self.window_size < timedelta(seconds=1) or self.window_size.total_seconds() % 1:
+            problems.append("window_size must be a whole number of seconds, at least 1")
+        elif 86_400 % self.window_size.total_seconds():
+            problems.append("window_size must divide a day (windows align to UTC midnight)")
+        if self.window_grace < timedelta(0) or self.window_grace.total_seconds() % 1:
+            problems.append("window_grace must be a whole number of seconds, not negative")
+        if self.window_grace + self.window_size >= self.dedupe_horizon:
+            problems.append("window_size + window_grace must be shorter than dedupe_horizon")
+        if self.window_idle_close < timedelta(seconds=1):
+            problems.append("window_idle_close must be at least 1 second")
+        if not (self.price_books_dir / f"{self.default_price_book}.yaml").is_file():
+            problems.append(
+                f"default_price_book: no file {self.default_price_book}.yaml in {self.price_books_dir}"
+            )
         topics = {
             self.topic_raw,
             self.topic_valid,

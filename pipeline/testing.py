@@ -47,7 +47,8 @@ def require_kafka(settings: Settings) -> None:
 
 
 def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) -> Settings:
-    """Settings with topics and consumer groups of their own, so counts belong to one test alone."""
+    """Settings with topics, consumer groups and a Postgres database of their own, so counts
+    belong to one test alone."""
     run = uuid.uuid4().hex[:8]
     accounts_file = data_dir / "accounts.txt"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,9 @@ def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) 
     settings = load_settings(**values)
     require_kafka(settings)
     asyncio.run(create_topics(settings))
-    return settings
+    # Charge ids are deterministic (account, meter, window...): two runs over the same accounts
+    # and minutes must not share a ledger, or the second one's charges would be "replays".
+    return isolated_database(settings)
 
 
 def isolated_database(settings: Settings) -> Settings:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from agents.meter import dedupe_changelog_topic
+from agents.meter import meter_changelog_topic
 from pipeline.settings import Settings
 from schemas.rejections import MAX_DEAD_LETTER_BYTES, MAX_RAW_MESSAGE_BYTES
 
@@ -58,8 +58,8 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
         # One record per commit holding that commit's marks. Keys are not per mark, so compaction
         # would not shrink it; marks older than the horizon are useless, so plain time retention.
         TopicSpec(
-            dedupe_changelog_topic(settings),
-            "dedupe marks, one record per transaction",
+            meter_changelog_topic(settings),
+            "meter state (dedupe marks, windows, period usage), one record per transaction",
             {"retention.ms": str(horizon_ms + DAY_MS), "cleanup.policy": "delete"},
         ),
     ]

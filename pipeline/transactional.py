@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # Pause before retrying a partition whose transaction failed for a reason other than fencing.
 RETRY_DELAY_S = 1.0
+# How often idle partitions get their ``tick`` (closing windows by the wall clock).
+TICK_INTERVAL_S = 1.0
 # Tries to open a partition (fence + restore) before the worker gives up and stops.
 OPEN_ATTEMPTS = 5
 
@@ -88,6 +90,10 @@ class PartitionTask(Protocol):
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None: ...
 
+    def tick(self, now: datetime) -> Outcome | None:
+        """Work due without input (closing windows of an idle partition), or None."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -117,6 +123,7 @@ class TransactionalLoop:
         self._stopping = asyncio.Event()
         self._opening: dict[TopicPartition, asyncio.Task[None]] = {}
         self._failure: Exception | None = None
+        self._ticked_at = 0.0
 
     # Lifecycle ----------------------------------------------------------------------------------
 
@@ -145,6 +152,7 @@ class TransactionalLoop:
                 if self._failure is not None:
                     raise self._failure
                 if not batches:
+                    await self._tick(batches)
                     continue
                 async with self._lock:
                     if generation != self._generation:
@@ -157,6 +165,7 @@ class TransactionalLoop:
                     await asyncio.gather(
                         *(self._transact(tp, records) for tp, records in batches.items() if tp in self._tasks)
                     )
+                await self._tick(batches)
         finally:
             async with self._lock:
                 await self._cancel_opening()
@@ -168,18 +177,33 @@ class TransactionalLoop:
 
     # One transaction --------------------------------------------------------------------------
 
+    async def _tick(self, polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        """At most once per ``TICK_INTERVAL_S``, give each partition that had no input in this
+        poll its ``tick``; what it returns is committed like a poll's outcome, with no offsets."""
+        now = asyncio.get_running_loop().time()
+        if now - self._ticked_at < TICK_INTERVAL_S:
+            return
+        self._ticked_at = now
+        async with self._lock:
+            for tp in [tp for tp in self._tasks if tp not in polled]:
+                if tp in self._tasks:  # a failed transaction of an earlier one may close it
+                    await self._transact(tp, [])
+
     async def _transact(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """One poll's records of ``tp`` (or, without records, its tick) in one transaction."""
         task = self._tasks[tp]
         producer = self._producers[tp]
         try:
-            outcome = task.process(records, self.clock())  # step 1
+            outcome = task.process(records, self.clock()) if records else task.tick(self.clock())  # step 1
         except RetryLaterError as exc:
             log.warning("%s: %s; retrying %s in %.0f s", self.stage.name, exc, tp, RETRY_DELAY_S)
             assert self._consumer is not None
             self._consumer.pause(tp)
-            await self._rewind(tp, records[0].offset)
+            await self._rewind(tp, records[0].offset if records else None)
             await self._close_partitions({tp})
             self._open_in_background(tp, self._generation, RETRY_DELAY_S)
+            return
+        if outcome is None:
             return
         try:
             async with producer.transaction():  # steps 2 and 5
@@ -188,9 +212,10 @@ class TransactionalLoop:
                     for m in outcome.messages
                 ]
                 metadata = await asyncio.gather(*futures)  # step 3
-                await producer.send_offsets_to_transaction(  # step 4
-                    {tp: records[-1].offset + 1}, self.group_id
-                )
+                if records:
+                    await producer.send_offsets_to_transaction(  # step 4
+                        {tp: records[-1].offset + 1}, self.group_id
+                    )
         except KafkaError as exc:
             # Rewind to the committed offset (not to this batch: if the commit went through
             # after all, that would replay it), stop fetching the partition, and take it up
@@ -205,7 +230,7 @@ class TransactionalLoop:
             )
             assert self._consumer is not None
             self._consumer.pause(tp)
-            await self._rewind(tp, records[0].offset)
+            await self._rewind(tp, records[0].offset if records else None)
             await self._close_partitions({tp})
             delay = self.settings.session_timeout_ms / 1000 if fenced else RETRY_DELAY_S
             self._open_in_background(tp, self._generation, delay)
@@ -214,12 +239,16 @@ class TransactionalLoop:
         for name, count in outcome.counters.items():
             self.counters[name] = self.counters.get(name, 0) + count
 
-    async def _rewind(self, tp: TopicPartition, first_fetched: int) -> None:
+    async def _rewind(self, tp: TopicPartition, first_fetched: int | None) -> None:
         """Move the position back to the group's committed offset, or, where nothing was ever
-        committed, to the first record fetched (``seek_to_committed`` would not move it then)."""
+        committed, to the first record fetched (``seek_to_committed`` would not move it then).
+        After a tick nothing was fetched: the position has not moved past the committed offset."""
         assert self._consumer is not None
         committed = await self._consumer.committed(tp)
-        self._consumer.seek(tp, first_fetched if committed is None else committed)
+        if committed is not None:
+            self._consumer.seek(tp, committed)
+        elif first_fetched is not None:
+            self._consumer.seek(tp, first_fetched)
 
     # Rebalance ----------------------------------------------------------------------------------
 

@@ -41,6 +41,9 @@ class Charge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     # When set, the charge pays a provider (GPU rental): the platform fee is split off it.
     provider_id: str | None = None
     platform_fee_base_units: int = 0
+    # When the meter closed the window (wall clock): the ledger's recorded_at minus this is the
+    # window-close -> charge-row latency (bench/meter).
+    rated_at: datetime | None = None
 
 
 # The ``charges`` topic: each message a JSON array of charges of accounts on one partition.

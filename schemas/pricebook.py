@@ -94,6 +94,14 @@ Pricing = Annotated[Flat | PerUnit | Package | Graduated | Volume, Field(discrim
 # What a book prices -----------------------------------------------------------------------------
 
 
+class DemandStep(_Model):
+    """From ``effective_from`` on, GPU prices are multiplied by ``multiplier`` (market demand)."""
+
+    effective_from: AwareDatetime
+    multiplier: Positive
+    gpu_models: list[str] | None = None  # None: every model
+
+
 class GpuRates(_Model):
     """GPU rental (seed 000): per GPU model and hour, fractional VRAM, power, demand, fee."""
 
@@ -104,6 +112,9 @@ class GpuRates(_Model):
     vram_rate_per_gb_hour: NonNegative | None = None
     power_rate_per_watt_hour: NonNegative = Decimal("0.001")  # 350 W adds 0.35 per hour
     demand_multiplier: Positive = Decimal(1)
+    # A schedule of demand multipliers (peak hours, a market feed written down): the last step in
+    # force at a window's start applies; before the first step, ``demand_multiplier``.
+    demand_schedule: list[DemandStep] = Field(default_factory=list)
     platform_fee_percent: Percent = Decimal(5)
     billing_granularity_seconds: Annotated[int, Field(ge=1, le=3600)] = 60  # per-minute billing
     minimum_session_minutes: Annotated[int, Field(ge=0, le=1440)] = 1
@@ -113,6 +124,15 @@ class GpuRates(_Model):
         if self.vram_pricing == "per_gb_hour" and self.vram_rate_per_gb_hour is None:
             raise ValueError("vram_pricing per_gb_hour needs vram_rate_per_gb_hour")
         return self
+
+    def demand_at(self, when: datetime, gpu_model: str) -> Decimal:
+        multiplier = self.demand_multiplier
+        for step in sorted(self.demand_schedule, key=lambda s: s.effective_from):
+            if step.effective_from > when:
+                break
+            if step.gpu_models is None or gpu_model in step.gpu_models:
+                multiplier = step.multiplier
+        return multiplier
 
 
 class ApiTier(_Model):

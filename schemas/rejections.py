@@ -36,6 +36,7 @@ class Reason(StrEnum):
     OVERSIZED = "oversized"  # message or event larger than allowed
     ID_CONFLICT = "id_conflict"  # a (source, id) seen before with a different payload
     UNKNOWN_ACCOUNT = "unknown_account"  # subject is not a known account
+    UNPRICED = "unpriced"  # the account's price book has no price for it (e.g. a GPU model)
 
 
 class Stage(StrEnum):

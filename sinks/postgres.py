@@ -31,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    select,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
 
@@ -56,6 +57,22 @@ charges_table = Table(
     Column("price_version", Text),
     Column("provider_id", Text),
     Column("platform_fee_base_units", BigInteger),
+    Column("rated_at", DateTime(timezone=True)),
+)
+plans_table = Table(
+    "plans",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("price_book", Text),
+    Column("api_tier", Text),
+    Column("description", Text),
+)
+accounts_table = Table(
+    "accounts",
+    metadata,
+    Column("account_id", Text, primary_key=True),
+    Column("plan", Text),
+    Column("low_balance_threshold", BigInteger),
 )
 ledger_table = Table(
     "ledger_entries",
@@ -149,6 +166,7 @@ class LedgerWriter:
                     "price_version": c.price_version,
                     "provider_id": c.provider_id,
                     "platform_fee_base_units": c.platform_fee_base_units,
+                    "rated_at": c.rated_at,
                 }
                 for c in by_id.values()
             ]
@@ -185,3 +203,43 @@ class LedgerWriter:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+# Plans and accounts -------------------------------------------------------------------------------
+
+
+def account_plans(engine: Engine) -> dict[str, tuple[str, str | None]]:
+    """account id -> (price book name, API tier) for every account that has a plan."""
+    statement = select(accounts_table.c.account_id, plans_table.c.price_book, plans_table.c.api_tier).join(
+        plans_table, plans_table.c.name == accounts_table.c.plan
+    )
+    with engine.connect() as connection:
+        return {row.account_id: (row.price_book, row.api_tier) for row in connection.execute(statement)}
+
+
+def upsert_plans(engine: Engine, plans: Sequence[dict[str, Any]]) -> None:
+    """Create or update plans: dicts of name, price_book, api_tier (optional), description."""
+    if not plans:
+        return
+    rows = [{"api_tier": None, "description": "", **plan} for plan in plans]
+    statement = insert(plans_table).values(rows)
+    with engine.begin() as connection:
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[plans_table.c.name],
+                set_={c: statement.excluded[c] for c in ("price_book", "api_tier", "description")},
+            )
+        )
+
+
+def upsert_accounts(engine: Engine, accounts: Sequence[tuple[str, str | None]]) -> None:
+    """Create accounts, or move them to another plan: (account id, plan name or None)."""
+    for chunk in range(0, len(accounts), MAX_PARAMETERS // 2):
+        rows = [{"account_id": a, "plan": p} for a, p in accounts[chunk : chunk + MAX_PARAMETERS // 2]]
+        statement = insert(accounts_table).values(rows)
+        with engine.begin() as connection:
+            connection.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[accounts_table.c.account_id], set_={"plan": statement.excluded.plan}
+                )
+            )

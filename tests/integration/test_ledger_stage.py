@@ -11,14 +11,14 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import create_engine, text
 
 from pipeline.outputs import OutputReader
-from pipeline.testing import Worker, isolated_database, isolated_settings
+from pipeline.testing import Worker, isolated_settings
 from schemas.charges import charges_encoder
 from sinks.postgres import sqlalchemy_url
 from tests.integration.test_ledger import charges
 
 
 def test_charges_reach_the_ledger_exactly_once_across_a_kill(tmp_path: Path) -> None:
-    settings = isolated_database(isolated_settings(tmp_path))
+    settings = isolated_settings(tmp_path)
     every = charges(6_000, seed=3)
     # Each charge twice (a replaying rater), in messages of 200, plus one message that is not charges.
     messages = [charges_encoder.encode(every[i : i + 200]) for i in range(0, len(every), 200)] * 2

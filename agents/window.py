@@ -1,0 +1,416 @@
+"""Meter, second part: tumbling windows on event time, rated when they close (pure core).
+
+An accepted event adds its usage to the window ``[start, start + size)`` of its event time, per
+(account, meter, dimensions). The partition's watermark is the latest event time it has seen (or,
+after ``idle`` seconds without input, the wall clock the shell passes in, so the last windows of a
+quiet stream close too). A window closes when the watermark passes its end plus the grace period;
+it is then rated and its charges leave in the same Kafka transaction as the state change.
+
+An event whose window already closed, but within the correction horizon of the watermark, is an
+adjustment: the poll's late events of one window are rated together as the window's next revision
+(a new charge id, never an edit). An event older than the horizon is ``too_late``.
+
+How a charge is computed, so that totals never depend on how events fell into windows, polls or
+revisions (the property the exactly-once test checks against an oracle, to the base unit):
+- linear meters (``gpu``, ``storage:<kind>``) keep the window's exact amount; revision r charges
+  ``to_base_units(exact total after r) - charged before r``;
+- period meters (``api_overage``, ``product:<id>``) keep the quantity used in the billing period
+  (a UTC month): a window charges ``to_base_units(price(used after)) - to_base_units(price(used
+  before))``, so included quotas, tiers and rounding apply to the period once, whatever the windows;
+- ``api_fee``: the tier's fee, once per account and period, when its first usage is rated.
+Both sums telescope: over a window's revisions, or a period's windows, the charges add up to the
+rounded exact total.
+
+State, all of it written once per commit as (key, value) changes in the meter's changelog record
+(deleted keys have an empty value), and read back through ``read`` (the partition store):
+open windows (in memory while open), closed windows (revision and totals, for adjustments),
+period usage, fees charged, and the watermark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import msgspec
+
+from agents.rating import (
+    HOURS_PER_MONTH,
+    SECONDS_PER_HOUR,
+    billable_seconds,
+    gpu_hourly_rate,
+    price,
+    split_platform_fee,
+    to_base_units,
+)
+from schemas.charges import Charge, charge_id
+from schemas.events import ApiRequestEvent, GpuUsageEvent, StorageUsageEvent, UsageEvent
+from schemas.pricebook import PriceBook, PriceBookVersion
+
+# State keys. Identity marks (dedupe) share the store: their keys are ``source\x00id`` with a
+# non-empty source, so they never start with NUL; these all do.
+OPEN = b"\x00o"
+CLOSED = b"\x00c"
+PERIOD = b"\x00p"
+WATERMARK = b"\x00watermark"
+
+Dims = tuple[tuple[str, str], ...]
+WindowKey = tuple[str, str, Dims, int]  # account, meter, dimensions, window start (epoch seconds)
+PERIOD_METERS = ("api_overage", "product:")
+UNIT_PRICE_PLACES = Decimal("1e-12")
+SECONDS_PER_MONTH = SECONDS_PER_HOUR * HOURS_PER_MONTH
+_ZERO = Decimal(0)
+_ONE = Decimal(1)
+
+_codec = msgspec.msgpack.Encoder()
+_key_decoder = msgspec.msgpack.Decoder(tuple[str, str, list[tuple[str, str]], int])
+
+
+@dataclass(frozen=True, slots=True)
+class WindowConfig:
+    size: int = 60  # seconds
+    grace: int = 300
+    horizon: int = 35 * 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPlan:
+    """How an account is rated: its price book and, for API usage, its tier (seed 004)."""
+
+    book: PriceBook
+    api_tier: str | None = None
+
+
+class UnpricedError(LookupError):
+    """The account's price book cannot rate this event."""
+
+
+class TooLateError(LookupError):
+    """The event is older than the correction horizon."""
+
+
+class Tally(msgspec.Struct, array_like=True, gc=False):
+    """A window's usage so far (or a closed window's totals): quantity, exact amount, unit,
+    price-book version, provider; for a closed window also its last revision and what it charged."""
+
+    quantity: Decimal
+    amount: Decimal
+    unit: str
+    version: str
+    provider: str | None = None
+    revision: int = -1
+    charged: int = 0
+
+
+class PeriodUsage(msgspec.Struct, array_like=True, gc=False):
+    used: Decimal = _ZERO
+    charged: int = 0
+
+
+_tally_decoder = msgspec.msgpack.Decoder(Tally)
+_period_decoder = msgspec.msgpack.Decoder(PeriodUsage)
+
+
+def state_key(prefix: bytes, key: WindowKey) -> bytes:
+    account, meter, dims, start = key
+    return prefix + _codec.encode((account, meter, dims, start))
+
+
+def decode_key(raw: bytes) -> WindowKey:
+    account, meter, dims, start = _key_decoder.decode(raw[len(OPEN) :])
+    return account, meter, tuple(dims), start
+
+
+def _dt(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def period_of(epoch: int) -> int:
+    """The billing period (a UTC calendar month) holding ``epoch``, as its start."""
+    moment = _dt(epoch)
+    return int(datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp())
+
+
+@dataclass(slots=True)
+class WindowResult:
+    charges: list[Charge] = field(default_factory=list)
+    changes: dict[bytes, bytes] = field(default_factory=dict)
+    closed: int = 0
+    adjustments: int = 0
+
+
+class Windows:
+    """The windows of one input partition."""
+
+    def __init__(
+        self,
+        config: WindowConfig,
+        plan_of: Callable[[str], AccountPlan],
+        read: Callable[[bytes], bytes | None],
+        open_windows: dict[WindowKey, Tally],
+        watermark: int,
+    ) -> None:
+        self.config = config
+        self.plan_of = plan_of
+        self.read = read
+        self.open = open_windows
+        self.watermark = watermark
+        self._dirty: set[WindowKey] = set()
+        self._late: dict[WindowKey, Tally] = {}
+        self._versions: dict[tuple[str, int], PriceBookVersion] = {}
+
+    # Adding usage ---------------------------------------------------------------------------
+
+    def add(self, event: UsageEvent) -> None:
+        """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
+        the event is added)."""
+        moment = event.time.timestamp()
+        size = self.config.size
+        if moment < self.watermark - self.config.horizon:
+            raise TooLateError(f"time {event.time.isoformat()} is older than the correction horizon")
+        start = int(moment // size) * size
+        plan = self.plan_of(event.subject)
+        version = self._version(plan.book, start)
+        parts = usage_of(event, plan, version, start)
+        for meter, dims, quantity, amount, unit, provider in parts:
+            key = (event.subject, meter, dims, start)
+            tally = self.open.get(key)
+            if tally is None:
+                if start + size + self.config.grace <= self.watermark:  # closed: an adjustment
+                    tally = self._late.get(key)
+                    if tally is None:
+                        tally = self._late[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
+                    tally.quantity += quantity
+                    tally.amount += amount
+                    continue
+                tally = self.open[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
+            tally.quantity += quantity
+            tally.amount += amount
+            self._dirty.add(key)
+        if moment > self.watermark:
+            self.watermark = int(moment)
+
+    def _version(self, book: PriceBook, start: int) -> PriceBookVersion:
+        version = self._versions.get((book.name, start))
+        if version is None:
+            version = self._versions[(book.name, start)] = book.version_at(_dt(start))
+        return version
+
+    # Closing --------------------------------------------------------------------------------
+
+    def close(self, rated_at: datetime, wall_clock: int | None = None) -> WindowResult:
+        """Rate every window the watermark closed (``wall_clock``, when given, advances it: the
+        partition was idle) and every adjustment; return the charges and the state changes."""
+        result = WindowResult()
+        watermark_before = self.watermark
+        if wall_clock is not None and wall_clock > self.watermark:
+            self.watermark = wall_clock
+        reach = self.config.size + self.config.grace
+        closing = sorted(k for k in self.open if k[3] + reach <= self.watermark)
+        periods: dict[bytes, PeriodUsage] = {}
+        for key in closing:
+            self._rate(key, self.open.pop(key), rated_at, result, periods)
+            self._dirty.discard(key)
+            result.changes[state_key(OPEN, key)] = b""
+        for key in sorted(self._late):
+            self._rate(key, self._late[key], rated_at, result, periods)
+            result.adjustments += 1
+        self._late.clear()
+        result.closed = len(closing)
+        for key in self._dirty:
+            result.changes[state_key(OPEN, key)] = _codec.encode(self.open[key])
+        self._dirty.clear()
+        for raw, usage in periods.items():
+            result.changes[raw] = _codec.encode(usage)
+        if self.watermark != watermark_before:
+            result.changes[WATERMARK] = str(self.watermark).encode()
+        return result
+
+    def _rate(
+        self,
+        key: WindowKey,
+        tally: Tally,
+        rated_at: datetime,
+        result: WindowResult,
+        periods: dict[bytes, PeriodUsage],
+    ) -> None:
+        account, meter, dims, start = key
+        closed_key = state_key(CLOSED, key)
+        previous = _get(result.changes, closed_key, self.read)
+        before = _tally_decoder.decode(previous) if previous else None
+        revision = before.revision + 1 if before else 0
+        total_amount = tally.amount + (before.amount if before else _ZERO)
+        charged_before = before.charged if before else 0
+        plan = self.plan_of(account)
+        version = self._version(plan.book, start)
+        decimals = plan.book.token.decimals
+        if meter.startswith(PERIOD_METERS):
+            period_key = state_key(PERIOD, (account, meter, dims, period_of(start)))
+            usage = periods.get(period_key) or _period(result.changes, period_key, self.read)
+            used_after = usage.used + tally.quantity
+            total = to_base_units(period_price(meter, plan, version, used_after), decimals)
+            amount = total - usage.charged
+            periods[period_key] = PeriodUsage(used_after, total)
+            if meter == "api_overage":
+                self._fee(account, dims, start, plan, version, rated_at, result, periods)
+        else:
+            amount = to_base_units(total_amount / divisor(meter), decimals) - charged_before
+        fee = 0
+        if tally.provider is not None and version.gpu is not None:
+            fee, _ = split_platform_fee(amount, version.gpu)
+        unit_price = (tally.amount / tally.quantity if tally.quantity else _ZERO).quantize(UNIT_PRICE_PLACES)
+        if meter.startswith(PERIOD_METERS):
+            unit_price = (
+                Decimal(amount) / Decimal(10) ** decimals / tally.quantity if tally.quantity else _ZERO
+            )
+            unit_price = unit_price.quantize(UNIT_PRICE_PLACES)
+        quantity = tally.quantity / divisor(meter)
+        result.charges.append(
+            _charge(key, revision, tally, quantity, unit_price, amount, version.label, fee, rated_at)
+        )
+        closed = Tally(
+            tally.quantity + (before.quantity if before else _ZERO),
+            total_amount,
+            tally.unit,
+            tally.version,
+            tally.provider,
+            revision,
+            charged_before + amount,
+        )
+        result.changes[closed_key] = _codec.encode(closed)
+
+    def _fee(  # noqa: PLR0917  # the rating context of the window being closed
+        self,
+        account: str,
+        dims: Dims,
+        start: int,
+        plan: AccountPlan,
+        version: PriceBookVersion,
+        rated_at: datetime,
+        result: WindowResult,
+        periods: dict[bytes, PeriodUsage],
+    ) -> None:
+        """The tier's fee, once per account and billing period (an idempotent charge id)."""
+        period = period_of(start)
+        fee_key = state_key(PERIOD, (account, "api_fee", dims, period))
+        if fee_key in periods or _get(result.changes, fee_key, self.read) is not None:
+            return
+        assert plan.api_tier is not None  # api_overage exists only for accounts with a tier
+        tier = version.api_tiers[plan.api_tier]
+        amount = to_base_units(tier.monthly_fee, plan.book.token.decimals)
+        periods[fee_key] = PeriodUsage(Decimal(1), amount)
+        tally = Tally(Decimal(1), tier.monthly_fee, "period", version.label)
+        key = (account, "api_fee", dims, period)
+        result.charges.append(
+            _charge(key, 0, tally, Decimal(1), tier.monthly_fee, amount, version.label, 0, rated_at)
+        )
+
+
+def _get(changes: dict[bytes, bytes], key: bytes, read: Callable[[bytes], bytes | None]) -> bytes | None:
+    value = changes.get(key)
+    return (value or None) if value is not None else read(key)
+
+
+def _period(changes: dict[bytes, bytes], key: bytes, read: Callable[[bytes], bytes | None]) -> PeriodUsage:
+    raw = _get(changes, key, read)
+    return _period_decoder.decode(raw) if raw else PeriodUsage()
+
+
+def _charge(  # noqa: PLR0917  # one positional per column
+    key: WindowKey,
+    revision: int,
+    tally: Tally,
+    quantity: Decimal,
+    unit_price: Decimal,
+    amount: int,
+    version: str,
+    fee: int,
+    rated_at: datetime,
+) -> Charge:
+    account, meter, dims, start = key
+    dimensions = dict(dims)
+    window_start = _dt(start)
+    return Charge(
+        charge_id=charge_id(account, meter, dimensions, window_start, revision),
+        account=account,
+        meter=meter,
+        dimensions=dimensions,
+        window_start=window_start,
+        revision=revision,
+        quantity=str(quantity),
+        unit=tally.unit,
+        unit_price=str(unit_price),
+        amount_base_units=amount,
+        price_version=version,
+        provider_id=tally.provider,
+        platform_fee_base_units=fee,
+        rated_at=rated_at,
+    )
+
+
+# What an event contributes --------------------------------------------------------------------
+
+Part = tuple[str, Dims, Decimal, Decimal, str, str | None]  # meter, dims, quantity, amount, unit, provider
+
+
+def divisor(meter: str) -> Decimal:
+    """Time-based meters add up seconds (GPU-seconds, GB-seconds) and amounts per second, and
+    divide once, when a charge is made: a per-event ``seconds / 3600`` would round every event
+    at Decimal's 28 digits, this rounds once per charge line."""
+    if meter == "gpu":
+        return SECONDS_PER_HOUR
+    if meter.startswith("storage:"):
+        return SECONDS_PER_MONTH
+    return _ONE
+
+
+def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
+    """The metered parts of one event: what it adds to which window (pure)."""
+    if isinstance(event, GpuUsageEvent):
+        gpu = event.data
+        rates = version.gpu
+        if rates is None or gpu.gpu_model not in rates.base_rate_per_hour:
+            raise UnpricedError(f"no GPU rate for {gpu.gpu_model!r} in price book {version.label}")
+        demand = rates.demand_at(_dt(start), gpu.gpu_model)
+        hourly = gpu_hourly_rate(
+            rates, gpu.gpu_model, gpu.vram_total_gb, gpu.vram_allocated_gb, gpu.power_watts, demand
+        )
+        seconds = Decimal(billable_seconds(gpu.interval_seconds, rates) * gpu.gpu_count)
+        dims = (("gpu_model", gpu.gpu_model), ("provider_id", gpu.provider_id))
+        return [("gpu", dims, seconds, seconds * hourly, "gpu_hour", gpu.provider_id)]
+    if isinstance(event, ApiRequestEvent):
+        api = event.data
+        parts: list[Part] = []
+        if plan.api_tier is not None:
+            if plan.api_tier not in version.api_tiers:
+                raise UnpricedError(f"no API tier {plan.api_tier!r} in price book {version.label}")
+            requests = Decimal(api.request_count)
+            parts.append(("api_overage", (("tier", plan.api_tier),), requests, _ZERO, "request", None))
+        if api.product_id is not None and api.product_id in version.products:
+            product = version.products[api.product_id]
+            tokens = Decimal(api.tokens_in + api.tokens_out)
+            parts.append((f"product:{api.product_id}", (), tokens, _ZERO, product.unit, None))
+        # Neither: the request is usage (analytics count it) that this account's plan does not
+        # charge for, as a free tier's endpoints are.
+        return parts
+    if isinstance(event, StorageUsageEvent):
+        held = event.data
+        per_gb_month = version.storage_per_gb_month.get(held.storage_kind)
+        if per_gb_month is None:
+            raise UnpricedError(f"no storage rate for {held.storage_kind!r} in price book {version.label}")
+        gb_seconds = held.gb * held.duration_seconds
+        meter = f"storage:{held.storage_kind}"
+        return [(meter, (), gb_seconds, gb_seconds * per_gb_month, "gb_month", None)]
+    # Session start/end events describe sessions; GPU time is billed from the heartbeats.
+    return []
+
+
+def period_price(meter: str, plan: AccountPlan, version: PriceBookVersion, used: Decimal) -> Decimal:
+    """The exact amount a billing period's usage ``used`` of a period meter costs."""
+    if meter == "api_overage":
+        assert plan.api_tier is not None
+        tier = version.api_tiers[plan.api_tier]
+        return max(_ZERO, used - tier.included_requests) * tier.overage_per_request
+    return price(version.products[meter.removeprefix("product:")].pricing, used)
