@@ -64,6 +64,7 @@ class BadKind(StrEnum):
     OVERSIZED_MESSAGE = "oversized_message"
     ID_CONFLICT = "id_conflict"
     UNKNOWN_ACCOUNT = "unknown_account"
+    UNPRICED = "unpriced"
 
 
 REASON_OF: dict[BadKind, Reason] = {
@@ -86,6 +87,7 @@ REASON_OF: dict[BadKind, Reason] = {
     BadKind.OVERSIZED_MESSAGE: Reason.OVERSIZED,
     BadKind.ID_CONFLICT: Reason.ID_CONFLICT,
     BadKind.UNKNOWN_ACCOUNT: Reason.UNKNOWN_ACCOUNT,
+    BadKind.UNPRICED: Reason.UNPRICED,
 }
 # Kinds that are not JSON (or too big), so they can only travel as a message of their own.
 WHOLE_MESSAGE_KINDS = {BadKind.TRUNCATED_JSON, BadKind.NAN, BadKind.BINARY_GARBAGE, BadKind.OVERSIZED_MESSAGE}
@@ -357,6 +359,19 @@ class _Generator:
                 event["padding"] = "y" * (self.plan.max_event_bytes + 100)
             case BadKind.UNKNOWN_ACCOUNT:
                 event["subject"] = f"ghost-{self.serial}"
+            case BadKind.UNPRICED:  # valid, but no price book prices this GPU model
+                event["type"] = "gpu.usage.v1"
+                event["data"] = {
+                    "session_id": "s",
+                    "provider_id": "p",
+                    "node_id": "n",
+                    "gpu_model": "quantum_q1",
+                    "vram_total_gb": "80",
+                    "vram_allocated_gb": "80",
+                    "power_watts": "700",
+                    "utilization": "0.5",
+                    "interval_seconds": 60,
+                }
             case BadKind.ID_CONFLICT:
                 pass  # already a different payload under a seen identity
             case _:  # pragma: no cover - whole-message kinds never reach here

@@ -7,15 +7,19 @@ from datetime import UTC, datetime, timedelta
 
 from agents.dedupe import DedupeResult, dedupe_message
 from agents.ingest import IngestCore, IngestPolicy, Partitioner
+from agents.window import AccountPlan, UnpricedError, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, account_ids, generate
-from schemas.events import valid_encoder
+from pipeline.settings import REPO_ROOT
+from schemas.events import event_decoder, valid_encoder
+from schemas.pricebook import load_price_book
 from schemas.rejections import Reason
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+BOOK = load_price_book(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml")
 
 
 def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int]:
-    """Ingest and dedupe, run in-process over the generated messages (no Kafka)."""
+    """Ingest, dedupe and windows, run in-process over the generated messages (no Kafka)."""
     expected = Expected()
     messages = list(generate(plan, NOW, expected))
     policy = IngestPolicy(
@@ -35,7 +39,15 @@ def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int
     for partition, events in ingested.accepted.messages():
         dedupe_message(valid_encoder.encode(events), f"valid/{partition}/0", committed.get, deduped)
     rejected.update(r.reason.value for r in deduped.rejected)
-    return expected, len(deduped.accepted), rejected, deduped.duplicates
+    windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), {}.get, {}, 0)
+    accepted = 0
+    for raw in deduped.accepted:
+        try:
+            windows.add(event_decoder.decode(raw))
+            accepted += 1
+        except UnpricedError:
+            rejected[Reason.UNPRICED.value] += 1
+    return expected, accepted, rejected, deduped.duplicates
 
 
 def test_single_event_plan_matches_the_pipeline_exactly() -> None:
