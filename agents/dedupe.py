@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from schemas.events import FINGERPRINT_BYTES, cut_by_size, valid_decoder
+from schemas.events import cut_by_size, valid_decoder
 from schemas.rejections import Reason, Rejection, Stage
 
 # A changelog record is cut at about this size (Kafka's default max.message.bytes is 1 MiB).
@@ -79,11 +79,12 @@ def dedupe_message(
 
 
 def encode_marks(marks: dict[bytes, bytes], limit: int = MARKS_RECORD_BYTES) -> list[bytes]:
-    """The changelog records for ``marks``: msgpack lists of (identity, fingerprint), each under
-    ``limit`` bytes (cut by each mark's own size: identities range from a few bytes to ~770)."""
+    """The changelog records for ``marks`` (and the meter's other state changes): msgpack lists
+    of (key, value), each under ``limit`` bytes, cut by each pair's own size (identities range
+    from a few bytes to ~770, window states to a few hundred)."""
     items = list(marks.items())
     # msgpack framing: a bin header (<= 5 bytes) per part and 1 per pair; 12 covers it.
-    sizes = [len(key) + FINGERPRINT_BYTES + 12 for key in marks]
+    sizes = [len(key) + len(value) + 12 for key, value in items]
     return [marks_encoder.encode(chunk) for chunk in cut_by_size(items, limit, sizes)]
 
 

@@ -14,6 +14,7 @@ partition rewinds and is retried, nothing is dropped.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -35,7 +36,7 @@ class LedgerTask:
         self.rejected_topic = settings.topic_rejected
         self.origin_prefix = f"{settings.topic_charges}/{partition}/"
 
-    def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome:
+    async def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome:
         charges: list[Charge] = []
         rejected: list[Rejection] = []
         for record in records:
@@ -53,7 +54,9 @@ class LedgerTask:
                     )
                 )
         try:
-            new = self.writer.write(charges)
+            # In a thread: a poll can bring tens of thousands of charges (seconds of Postgres
+            # work), and the event loop must keep every stage's consumer heartbeating meanwhile.
+            new = await asyncio.to_thread(self.writer.write, charges)
         except OperationalError as exc:
             raise RetryLaterError(f"Postgres unavailable: {str(exc.orig).strip()[:300]}") from exc
         messages = [rejection_message(self.rejected_topic, r) for r in rejected]

@@ -157,6 +157,7 @@ class Windows:
         self.read = read
         self.open = open_windows
         self.watermark = watermark
+        self._stored_watermark = watermark
         self._dirty: set[WindowKey] = set()
         self._late: dict[WindowKey, Tally] = {}
         self._versions: dict[tuple[str, int], PriceBookVersion] = {}
@@ -204,7 +205,6 @@ class Windows:
         """Rate every window the watermark closed (``wall_clock``, when given, advances it: the
         partition was idle) and every adjustment; return the charges and the state changes."""
         result = WindowResult()
-        watermark_before = self.watermark
         if wall_clock is not None and wall_clock > self.watermark:
             self.watermark = wall_clock
         reach = self.config.size + self.config.grace
@@ -224,8 +224,9 @@ class Windows:
         self._dirty.clear()
         for raw, usage in periods.items():
             result.changes[raw] = _codec.encode(usage)
-        if self.watermark != watermark_before:
+        if self.watermark != self._stored_watermark:
             result.changes[WATERMARK] = str(self.watermark).encode()
+            self._stored_watermark = self.watermark
         return result
 
     def _rate(

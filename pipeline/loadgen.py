@@ -109,6 +109,13 @@ class LoadPlan:
     source: str = "tally-loadgen"
     max_event_bytes: int = 65_536
     max_message_bytes: int = 1_048_576
+    # Event times: uniformly random over the last hour (the default: every window receives late
+    # events), or ascending through the last ``time_span_s`` seconds as a live stream's are, with
+    # ``late_fraction`` of them stamped 6-10 minutes back (later than the default 5-minute grace:
+    # adjustments, several per window).
+    ordered_time: bool = False
+    late_fraction: float = 0.0
+    time_span_s: int = 3600
 
 
 @dataclass
@@ -209,7 +216,7 @@ class _Generator:
         rng = self.rng
         account = account or rng.choice(self.accounts)
         kind = rng.random()
-        time = self.now - timedelta(seconds=rng.randint(0, 3600), microseconds=rng.randint(0, 999_999))
+        time = self._time()
         event: dict[str, Any] = {
             "specversion": "1.0",
             "id": f"{self.plan.run_id}-{self.serial:09d}",
@@ -272,6 +279,16 @@ class _Generator:
                 "duration_seconds": rng.randint(60, 7200),
             }
         return event
+
+    def _time(self) -> datetime:
+        rng, plan = self.rng, self.plan
+        if not plan.ordered_time:
+            return self.now - timedelta(seconds=rng.randint(0, 3600), microseconds=rng.randint(0, 999_999))
+        progress = min(1.0, self.serial / max(1, plan.events))
+        time = self.now - timedelta(seconds=plan.time_span_s * (1 - progress) - rng.random() * 2)
+        if rng.random() < plan.late_fraction:
+            time -= timedelta(minutes=6 + 4 * rng.random())
+        return time
 
     def _reformatted(self, event: dict[str, Any]) -> bytes:
         """The same event as different bytes: another key order and UTC offset, or verbatim."""

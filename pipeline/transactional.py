@@ -31,6 +31,7 @@ first uncommitted record, and its task is reopened from the changelog.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,7 +87,12 @@ class RetryLaterError(Exception):
 class PartitionTask(Protocol):
     """The stage's logic for one input partition."""
 
-    def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome: ...
+    def process(
+        self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime
+    ) -> Outcome | Awaitable[Outcome]:
+        """Pure work returns its outcome; a task whose work blocks (a sink's write) returns an
+        awaitable that runs it off the event loop, which must keep heartbeating meanwhile."""
+        ...
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None: ...
 
@@ -194,7 +200,14 @@ class TransactionalLoop:
         task = self._tasks[tp]
         producer = self._producers[tp]
         try:
-            outcome = task.process(records, self.clock()) if records else task.tick(self.clock())  # step 1
+            if records:
+                result = task.process(records, self.clock())  # step 1
+                outcome = await result if inspect.isawaitable(result) else result
+            else:
+                ticked = task.tick(self.clock())
+                if ticked is None:
+                    return
+                outcome = ticked
         except RetryLaterError as exc:
             log.warning("%s: %s; retrying %s in %.0f s", self.stage.name, exc, tp, RETRY_DELAY_S)
             assert self._consumer is not None
@@ -202,8 +215,6 @@ class TransactionalLoop:
             await self._rewind(tp, records[0].offset if records else None)
             await self._close_partitions({tp})
             self._open_in_background(tp, self._generation, RETRY_DELAY_S)
-            return
-        if outcome is None:
             return
         try:
             async with producer.transaction():  # steps 2 and 5

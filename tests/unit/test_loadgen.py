@@ -39,7 +39,8 @@ def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int
     for partition, events in ingested.accepted.messages():
         dedupe_message(valid_encoder.encode(events), f"valid/{partition}/0", committed.get, deduped)
     rejected.update(r.reason.value for r in deduped.rejected)
-    windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), {}.get, {}, 0)
+    nothing_stored: dict[bytes, bytes] = {}
+    windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), nothing_stored.get, {}, 0)
     accepted = 0
     for raw in deduped.accepted:
         try:
