@@ -252,8 +252,10 @@ class Windows:
             usage = periods.get(period_key) or _period(result.changes, period_key, self.read)
             used_after = usage.used + tally.quantity
             total = to_base_units(period_price(meter, plan, version, used_after), decimals)
-            amount = total - usage.charged
-            periods[period_key] = PeriodUsage(used_after, total)
+            # Never negative: a volume-tiered price can fall as usage grows; a period never
+            # refunds what it charged (docs/PRICING.md).
+            amount = max(0, total - usage.charged)
+            periods[period_key] = PeriodUsage(used_after, usage.charged + amount)
             if meter == "api_overage":
                 self._fee(account, dims, start, plan, version, rated_at, result, periods)
         else:

@@ -238,8 +238,13 @@ def write_readme(results: list[dict[str, Any]]) -> None:
             f"| {r['ratio']} | {r['target_events_per_s']:,} {'met' if r['meets_target'] else 'MISSED'} "
             f"| {f'{peer:,}' if peer else '-'} |"
         )
+    replace_table("ingest", rows)
+
+
+def replace_table(marker: str, rows: list[str]) -> None:
+    """Put ``rows`` between the ``<!-- marker:begin/end -->`` comments of bench/README.md."""
     text = README.read_text(encoding="utf-8") if README.exists() else ""
-    begin, end = "<!-- ingest:begin -->", "<!-- ingest:end -->"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     table = f"{begin}\n" + "\n".join(rows) + f"\n{end}"
     if begin in text:
         text = text[: text.index(begin)] + table + text[text.index(end) + len(end) :]

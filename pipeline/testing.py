@@ -46,10 +46,12 @@ def require_kafka(settings: Settings) -> None:
         ) from None
 
 
-def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) -> Settings:
+def isolated_settings(
+    data_dir: Path, accounts: int = 100, prefix: str = "test", **overrides: object
+) -> Settings:
     """Settings with topics, consumer groups and a Postgres database of their own, so counts
     belong to one test alone."""
-    run = uuid.uuid4().hex[:8]
+    run = f"{prefix}-{uuid.uuid4().hex[:8]}"
     accounts_file = data_dir / "accounts.txt"
     data_dir.mkdir(parents=True, exist_ok=True)
     accounts_file.write_text("\n".join(account_ids(accounts)) + "\n", encoding="utf-8")
@@ -57,12 +59,12 @@ def isolated_settings(data_dir: Path, accounts: int = 100, **overrides: object) 
     values: dict[str, object] = {
         "data_dir": data_dir,
         "kafka_url": base.kafka_url,
-        "app_id": f"test-{run}",
-        "topic_raw": f"test-{run}.usage.raw",
-        "topic_valid": f"test-{run}.usage.valid",
-        "topic_accepted": f"test-{run}.usage.accepted",
-        "topic_rejected": f"test-{run}.usage.rejected",
-        "topic_charges": f"test-{run}.charges",
+        "app_id": f"{run}",
+        "topic_raw": f"{run}.usage.raw",
+        "topic_valid": f"{run}.usage.valid",
+        "topic_accepted": f"{run}.usage.accepted",
+        "topic_rejected": f"{run}.usage.rejected",
+        "topic_charges": f"{run}.charges",
         "accounts_file": accounts_file,
         "session_timeout_ms": 6_000,
         **overrides,

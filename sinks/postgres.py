@@ -32,6 +32,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
 
@@ -243,3 +244,57 @@ def upsert_accounts(engine: Engine, accounts: Sequence[tuple[str, str | None]]) 
                     index_elements=[accounts_table.c.account_id], set_={"plan": statement.excluded.plan}
                 )
             )
+
+
+# Reading the ledger back (demo, tests, benches) ---------------------------------------------------
+
+
+def account_totals(engine: Engine) -> dict[str, int]:
+    """Per account, the base units charged (every revision); accounts charged nothing left out."""
+    statement = text("SELECT account_id, sum(amount_base_units)::bigint FROM charges GROUP BY 1")
+    with engine.connect() as connection:
+        return {account: int(total) for account, total in connection.execute(statement) if total}
+
+
+def ledger_check(engine: Engine) -> tuple[int, int, int]:
+    """(sum of debits, sum of credits, sum of every balance): double entry means d == c, sum 0."""
+    statement = text(
+        "SELECT (SELECT coalesce(sum(amount_base_units), 0) FROM ledger_entries WHERE side = 'debit'),"
+        " (SELECT coalesce(sum(amount_base_units), 0) FROM ledger_entries WHERE side = 'credit'),"
+        " (SELECT coalesce(sum(balance_base_units), 0) FROM balances)"
+    )
+    with engine.connect() as connection:
+        debits, credits, balances = connection.execute(statement).one()
+    return int(debits), int(credits), int(balances)
+
+
+def account_usage(engine: Engine) -> list[Any]:
+    """Per account: plan, usage per kind of meter, charges, amount charged and balance, most
+    charged first."""
+    statement = text("""
+        SELECT c.account_id, a.plan,
+               coalesce(sum(c.quantity) FILTER (WHERE c.meter = 'gpu'), 0) AS gpu_hours,
+               coalesce(sum(c.quantity) FILTER (WHERE c.meter = 'api_overage'), 0) AS api_requests,
+               coalesce(sum(c.quantity) FILTER (WHERE c.meter LIKE 'product:%'), 0) AS tokens,
+               coalesce(sum(c.quantity) FILTER (WHERE c.meter LIKE 'storage:%'), 0) AS gb_months,
+               count(*) AS charges,
+               sum(c.amount_base_units)::bigint AS charged,
+               coalesce(b.balance_base_units, 0) AS balance
+        FROM charges c
+        LEFT JOIN accounts a ON a.account_id = c.account_id
+        LEFT JOIN balances b ON b.ledger_account = 'customer:' || c.account_id
+        GROUP BY c.account_id, a.plan, b.balance_base_units
+        ORDER BY charged DESC, c.account_id
+    """)
+    with engine.connect() as connection:
+        return list(connection.execute(statement))
+
+
+def earnings(engine: Engine) -> list[tuple[str, int]]:
+    """Balances of the platform and of every provider (their credits: fees and earnings)."""
+    statement = text(
+        "SELECT ledger_account, balance_base_units FROM balances"
+        " WHERE ledger_account = :platform OR ledger_account LIKE 'provider:%' ORDER BY 1"
+    )
+    with engine.connect() as connection:
+        return [(a, int(b)) for a, b in connection.execute(statement, {"platform": PLATFORM})]

@@ -293,3 +293,22 @@ versions:
     amounts = [c.amount_base_units for c in sorted(p.charges, key=lambda c: c.window_start)]
     # 4.00/h for a minute = 66,667; x1.5 from 12:01 = 100,000; the a100-only step leaves h100 at 1.5.
     assert amounts == [66_667, 100_000, 100_000]
+
+
+def test_a_volume_price_that_falls_is_never_refunded() -> None:
+    text = """
+name: volume
+versions:
+  - effective_from: "2026-01-01T00:00:00Z"
+    products:
+      bulk: {pricing: {model: tiered_volume, tiers: [{up_to: "100", unit_price: "1"}, {unit_price: "0.5"}]}}
+"""
+    PLANS["acct-bulk"] = AccountPlan(parse_price_book(text))
+    p = Partition()
+    p.poll(event("api.request.v1", T0, "acct-bulk", 0, product_id="bulk", tokens_in=100))
+    p.poll(
+        event("api.request.v1", T0 + timedelta(minutes=1), "acct-bulk", 1, product_id="bulk", tokens_in=20)
+    )
+    p.poll(wall_clock=T0 + timedelta(hours=1))
+    # 100 units at 1 = 100; at 120 units the whole period costs 60: the second window charges 0.
+    assert [c.amount_base_units for c in sorted(p.charges, key=lambda c: c.window_start)] == [100_000_000, 0]

@@ -1,0 +1,247 @@
+"""bench/meter: events/s from ``usage.raw`` to charge rows in Postgres, and window close -> row.
+
+One ``tally worker`` process runs the whole path (ingest -> meter: dedupe, windows, rating ->
+ledger: Postgres charges, double-entry entries, balances), exactly-once, over pre-published data:
+1,000 accounts (a quarter on API tiers), event times ascending through the last hour as a live
+stream's are, so windows close all along the run as the watermark passes them. For each shape
+(single-event messages, 100-event batches):
+- baseline: a bare aiokafka consumer that splits and decodes the same messages (``bench.ingest``);
+- Tally: from its first accepted output to the moment the last charge row of the data's windows
+  is committed in Postgres (the Postgres clock; same machine), so worker start-up is not counted.
+  One event per account at the end, 250 s after the data, moves every partition's watermark past
+  the data's last window plus the 5-minute grace; its own windows are not counted;
+- latency: per charge row, Postgres' ``recorded_at`` (the ledger transaction) minus ``rated_at``
+  (when the meter closed the window): p50 and p99 over all counted rows.
+Results: ``bench/results/meter-<shape>.json`` and the table in ``bench/README.md``.
+Targets (issue 4, one worker process, this 2-core machine): batch >= 80,000 events/s, single
+>= 40,000 events/s, window close -> charge row p99 <= 2 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+from sqlalchemy import create_engine
+
+from agents.window import AccountPlan, usage_of
+from bench.ingest import RESULTS, bare_consumer, machine, replace_table
+from pipeline.loadgen import Expected, LoadPlan, Message, account_ids, default_now, generate, publish
+from pipeline.oracle import store_plans, tier_plans
+from pipeline.outputs import OutputReader
+from pipeline.settings import REPO_ROOT, Settings
+from pipeline.testing import Worker, isolated_database, isolated_settings
+from pipeline.topics import create_topics
+from schemas.events import event_decoder
+from schemas.pricebook import load_price_book
+from sinks.postgres import sqlalchemy_url
+
+SHAPES = {"single": (1, 300_000), "batch": (100, 1_000_000)}  # shape: (events per message, events)
+TARGETS = {"single": 40_000, "batch": 80_000}
+P99_TARGET_S = 2.0
+REPEATS = 3
+ACCOUNTS = 1_000
+PUSH_AFTER = timedelta(seconds=250)  # the closing events' distance from the data's end
+
+
+def closing_events(now: datetime) -> list[Message]:
+    """One small storage event per account at ``now + PUSH_AFTER``: watermarks past the data."""
+    at = (now + PUSH_AFTER).isoformat()
+    messages = []
+    for account in account_ids(ACCOUNTS):
+        event = {
+            "specversion": "1.0",
+            "id": f"close-{account}",
+            "source": "bench-meter",
+            "type": "storage.usage.v1",
+            "time": at,
+            "subject": account,
+            "data": {"storage_kind": "bucket", "resource_id": "close", "gb": "1", "duration_seconds": 60},
+        }
+        messages.append(Message(account.encode(), msgspec.json.encode(event), 1))
+    return messages
+
+
+def expected_rows(messages: list[Message], plans: dict[str, str | None]) -> int:
+    """Charge rows the data's windows make: one per (account, meter, dimensions, window) and
+    one fee per tiered account (counted with the pure core's own metering of each event)."""
+    book = load_price_book(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml")
+    keys: set[tuple[str, str, tuple[tuple[str, str], ...], int]] = set()
+    fees: set[str] = set()
+    for message in messages:
+        raw = msgspec.json.decode(message.value)
+        for item in raw if isinstance(raw, list) else [raw]:
+            event = event_decoder.decode(msgspec.json.encode(item))
+            start = int(event.time.timestamp()) // 60 * 60
+            plan = AccountPlan(book, plans[event.subject])
+            for meter, dims, *_ in usage_of(event, plan, book.version_at(event.time), start):
+                keys.add((event.subject, meter, dims, start))
+                if meter == "api_overage":
+                    fees.add(event.subject)
+    return len(keys) + len(fees)
+
+
+async def first_output_wall_time(run: Settings) -> float:
+    async with OutputReader(run, keep_identities=False, isolation_level="read_uncommitted") as reader:
+        await reader.start_from({tp: 0 for tp in await reader.snapshot()})
+        while reader.outputs.accepted == 0:
+            await reader.poll()
+        assert reader.outputs.first_seen is not None
+        return time.time() - (time.monotonic() - reader.outputs.first_seen)
+
+
+def wait_for_rows(
+    run: Settings, rows: int, cutoff: datetime, timeout_s: float = 600
+) -> tuple[float, float, float]:
+    """Wait for ``rows`` charge rows of windows before ``cutoff``; return (last row's commit as
+    epoch seconds, p50 and p99 of recorded_at - rated_at in seconds)."""
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(run.postgres_url, autocommit=True) as connection:
+        while True:
+            (count,) = connection.execute(
+                "SELECT count(*) FROM charges WHERE window_start < %s", (cutoff,)
+            ).fetchone() or (0,)
+            if count >= rows:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {count} of {rows} charge rows after {timeout_s} s")
+            time.sleep(0.2)
+        row = connection.execute(
+            "SELECT extract(epoch FROM max(recorded_at)),"
+            " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM recorded_at - rated_at)),"
+            " percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM recorded_at - rated_at))"
+            " FROM charges WHERE window_start < %s",
+            (cutoff,),
+        ).fetchone()
+    assert row is not None
+    return float(row[0]), float(row[1]), float(row[2])
+
+
+def run_shape(shape: str, work: Path) -> dict[str, Any]:
+    batch_size, events = SHAPES[shape]
+    settings = isolated_settings(
+        work / shape, accounts=ACCOUNTS, accounts_file=None, window_idle_close="PT600S"
+    )
+    plans = tier_plans(account_ids(ACCOUNTS))
+    # The data ends 2 minutes ago, so the closing events (+250 s) stay within ingest's 5-minute
+    # tolerance for future times and still pass the last window's end plus the grace.
+    now = default_now() - timedelta(minutes=2)
+    plan = LoadPlan(
+        events=events,
+        accounts=ACCOUNTS,
+        batch_size=batch_size,
+        bad_fraction=0,
+        duplicate_fraction=0,
+        wrong_key_fraction=0,
+        seed=11,
+        ordered_time=True,
+    )
+    messages = list(generate(plan, now, Expected()))
+    rows = expected_rows(messages, plans)
+    cutoff = now + timedelta(minutes=1)  # every data window starts before this; no closing one does
+    sent, seconds = asyncio.run(publish(settings, [*messages, *closing_events(now)], chunk=5_000))
+    print(
+        f"[{shape}] published {sent:,} events in {seconds:.1f} s; {rows:,} charge rows expected", flush=True
+    )
+
+    baselines, tallies, p50s, p99s = [], [], [], []
+    for repeat in range(REPEATS):
+        baselines.append(asyncio.run(bare_consumer(settings, events)))
+        run = isolated_database(
+            settings.model_copy(
+                update={
+                    "app_id": f"{settings.app_id}-r{repeat}",
+                    "topic_valid": f"{settings.topic_valid}.r{repeat}",
+                    "topic_accepted": f"{settings.topic_accepted}.r{repeat}",
+                    "topic_rejected": f"{settings.topic_rejected}.r{repeat}",
+                    "topic_charges": f"{settings.topic_charges}.r{repeat}",
+                }
+            )
+        )
+        asyncio.run(create_topics(run))
+        engine = create_engine(sqlalchemy_url(run))
+        store_plans(engine, plans)
+        engine.dispose()
+        worker = Worker(run, f"bench-r{repeat}").start()
+        try:
+            first = asyncio.run(first_output_wall_time(run))
+            last, p50, p99 = wait_for_rows(run, rows, cutoff)
+        finally:
+            worker.stop()
+        tallies.append(events / (last - first))
+        p50s.append(p50)
+        p99s.append(p99)
+        print(
+            f"[{shape}] run {repeat + 1}: bare consumer + decode {baselines[-1]:,.0f} events/s, tally raw -> "
+            f"charge rows {tallies[-1]:,.0f} events/s, window close -> row p50 {p50:.3f} s p99 {p99:.3f} s",
+            flush=True,
+        )
+    baseline, tally = statistics.median(baselines), statistics.median(tallies)
+    p99 = statistics.median(p99s)
+    return {
+        "name": f"meter-{shape}",
+        "events_per_s": round(tally),
+        "baseline_events_per_s": round(baseline),
+        "ratio": round(tally / baseline, 3),
+        "message_shape": f"{batch_size} event(s) per message",
+        "events": events,
+        "charge_rows": rows,
+        "window_close_to_row_p50_s": round(statistics.median(p50s), 3),
+        "window_close_to_row_p99_s": round(p99, 3),
+        "runs": {
+            "events_per_s": [round(t) for t in tallies],
+            "baseline_events_per_s": [round(b) for b in baselines],
+            "p50_s": [round(p, 3) for p in p50s],
+            "p99_s": [round(p, 3) for p in p99s],
+        },
+        "target_events_per_s": TARGETS[shape],
+        "target_p99_s": P99_TARGET_S,
+        "meets_target": tally >= TARGETS[shape] and p99 <= P99_TARGET_S,
+        "machine": machine(),
+    }
+
+
+def write_readme(results: list[dict[str, Any]]) -> None:
+    rows = [
+        "| bench | message shape | events/s | bare consumer events/s | ratio | close -> row p50 / p99 "
+        "| target |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        verdict = "met" if r["meets_target"] else "MISSED"
+        rows.append(
+            f"| {r['name']} | {r['message_shape']} | {r['events_per_s']:,} | {r['baseline_events_per_s']:,} "
+            f"| {r['ratio']} | {r['window_close_to_row_p50_s']} s / {r['window_close_to_row_p99_s']} s "
+            f"| {r['target_events_per_s']:,}/s, p99 <= {r['target_p99_s']} s: {verdict} |"
+        )
+    replace_table("meter", rows)
+
+
+def main() -> None:
+    work = Path(os.environ.get("TALLY_BENCH_DIR", REPO_ROOT / ".data" / "bench"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shapes = sys.argv[1:] or list(SHAPES)  # e.g. `python -m bench.meter batch`
+    results = [
+        json.loads(p.read_text())
+        for p in sorted(RESULTS.glob("meter-*.json"))
+        if p.stem.removeprefix("meter-") in SHAPES and p.stem.removeprefix("meter-") not in shapes
+    ]
+    for shape in shapes:
+        result = run_shape(shape, work / "meter")
+        (RESULTS / f"{result['name']}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        results.append(result)
+    write_readme(sorted(results, key=lambda r: str(r["name"]), reverse=True))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
