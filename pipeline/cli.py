@@ -279,10 +279,13 @@ def demo(
     events: Annotated[int, typer.Option(help="Events to publish.")] = 100_000,
     accounts: Annotated[int, typer.Option(help="Distinct accounts.")] = 200,
 ) -> None:
-    """Run a worker, publish synthetic usage with duplicates and bad input, report what came out."""
+    """Run a worker, publish synthetic usage with duplicates and bad input, report what came out
+    and the money: per-account usage, charges and balances, platform and provider totals."""
     from pipeline.demo import run_demo
 
-    raise typer.Exit(asyncio.run(run_demo(_settings(), events=events, accounts=accounts, console=console)))
+    # The report's tables are 120 columns wide: under `make` (not a terminal) rich would assume 80.
+    wide = console if console.is_terminal else Console(stderr=True, width=140)
+    raise typer.Exit(asyncio.run(run_demo(_settings(), events=events, accounts=accounts, console=wide)))
 
 
 def main() -> None:

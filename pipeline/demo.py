@@ -56,9 +56,14 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
     try:
         async with OutputReader(run) as reader:
             await reader.start_from(await reader.snapshot())
-            now = default_now() - timedelta(seconds=90)
+            # The first half hour as single-event messages, the second as batches: one stream
+            # whose time moves forward, as a live one's does.
+            end = default_now() - timedelta(seconds=90)
             started = time.monotonic()
-            for shape, batch_size in (("single-event messages", 1), ("100-event batches", 100)):
+            for shape, batch_size, now in (
+                ("single-event messages", 1, end - timedelta(minutes=30)),
+                ("100-event batches", 100, end),
+            ):
                 plan = LoadPlan(
                     events=events // 2,
                     accounts=accounts,
@@ -68,6 +73,7 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
                     max_message_bytes=run.max_message_bytes,
                     ordered_time=True,
                     late_fraction=0.01,
+                    time_span_s=1800,
                 )
                 part = list(generate(plan, now, expected))
                 messages += part
