@@ -168,29 +168,31 @@ class Windows:
         """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
         the event is added)."""
         moment = event.time.timestamp()
-        size = self.config.size
-        if moment < self.watermark - self.config.horizon:
+        config = self.config
+        watermark = self.watermark
+        if moment < watermark - config.horizon:
             raise TooLateError(f"time {event.time.isoformat()} is older than the correction horizon")
-        start = int(moment // size) * size
+        start = int(moment // config.size) * config.size
         plan = self.plan_of(event.subject)
         version = self._version(plan.book, start)
         parts = usage_of(event, plan, version, start)
+        open_windows = self.open
         for meter, dims, quantity, amount, unit, provider in parts:
             key = (event.subject, meter, dims, start)
-            tally = self.open.get(key)
+            tally = open_windows.get(key)
             if tally is None:
-                if start + size + self.config.grace <= self.watermark:  # closed: an adjustment
+                if start + config.size + config.grace <= watermark:  # closed: an adjustment
                     tally = self._late.get(key)
                     if tally is None:
                         tally = self._late[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
                     tally.quantity += quantity
                     tally.amount += amount
                     continue
-                tally = self.open[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
+                tally = open_windows[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
             tally.quantity += quantity
             tally.amount += amount
             self._dirty.add(key)
-        if moment > self.watermark:
+        if moment > watermark:
             self.watermark = int(moment)
 
     def _version(self, book: PriceBook, start: int) -> PriceBookVersion:
@@ -376,7 +378,7 @@ def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, st
         rates = version.gpu
         if rates is None or gpu.gpu_model not in rates.base_rate_per_hour:
             raise UnpricedError(f"no GPU rate for {gpu.gpu_model!r} in price book {version.label}")
-        demand = rates.demand_at(_dt(start), gpu.gpu_model)
+        demand = rates.demand_at(_dt(start), gpu.gpu_model) if rates.demand_schedule else None
         hourly = gpu_hourly_rate(
             rates, gpu.gpu_model, gpu.vram_total_gb, gpu.vram_allocated_gb, gpu.power_watts, demand
         )

