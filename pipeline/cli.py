@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -76,13 +77,21 @@ def db_upgrade() -> None:
 
 @app.command()
 def worker(loglevel: Annotated[str, typer.Option(help="Log level.")] = "info") -> None:
-    """Run a worker: the Faust app with the ingest and dedupe stages."""
+    """Run a worker: the Faust app with the ingest, meter and ledger stages."""
     import faust
 
     from pipeline.app import create_app
 
     settings = _settings()
     faust_app = create_app(settings)
+    # The hot path allocates ~10 container objects per event (tuples, structs, lists) and frees
+    # them within a poll; with the default gen-0 threshold (700) the cyclic collector ran every
+    # ~70 events and rescanned everything imported. Freeze what start-up made (never collected)
+    # and collect young objects every 50,000 allocations instead. bench/meter batch, median of 3:
+    # 47,320 -> 50,295 events/s (within this machine's run-to-run spread, so a small gain at most).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     faust.Worker(faust_app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
 
 
