@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # Batching of the transactional loops: records per poll and longest wait for a poll.
     poll_max_records: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
     poll_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 200
+    # Bytes a poll may bring per partition and in all: bounds a transaction's work when messages
+    # are batches (20,000 records of 100 events would be 2,000,000 events).
+    fetch_partition_bytes: Annotated[int, Field(ge=65_536, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
+    fetch_total_bytes: Annotated[int, Field(ge=65_536, le=256 * 1024 * 1024)] = 32 * 1024 * 1024
     # Consumer group session timeout: how long the group waits for a silent (dead) member before
     # handing its partitions over. The broker's floor is 6 s (group.min.session.timeout.ms).
     session_timeout_ms: Annotated[int, Field(ge=6_000, le=300_000)] = 10_000

@@ -141,8 +141,8 @@ class TransactionalLoop:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=32 * 1024 * 1024,
+            max_partition_fetch_bytes=self.settings.fetch_partition_bytes,
+            fetch_max_bytes=self.settings.fetch_total_bytes,
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.session_timeout_ms // 3,
         )
