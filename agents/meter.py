@@ -52,7 +52,7 @@ from pipeline.plans import PlanDirectory
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
 from schemas.charges import charges_encoder
-from schemas.events import cut_by_size, encode_batch, event_decoder, identity_key
+from schemas.events import cut_by_size, encode_batch, identity_key, metered_decoder
 from schemas.rejections import Reason, Rejection, Stage, rejection_counters
 from sinks.statestore import PartitionStore
 
@@ -119,7 +119,7 @@ class MeterTask:
         add = self.windows.add
         for raw in result.accepted:
             try:
-                event = event_decoder.decode(raw)
+                event = metered_decoder.decode(raw)
             except msgspec.MsgspecError as exc:  # not from ingest: a foreign producer's record
                 result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, str(exc), raw, origin))
                 continue

@@ -46,7 +46,7 @@ from agents.rating import (
     to_base_units,
 )
 from schemas.charges import Charge, charge_id
-from schemas.events import ApiRequestEvent, GpuUsageEvent, StorageUsageEvent, UsageEvent
+from schemas.events import MeteredApi, MeteredEvent, MeteredGpu, MeteredStorage
 from schemas.pricebook import PriceBook, PriceBookVersion
 
 # State keys. Identity marks (dedupe) share the store: their keys are ``source\x00id`` with a
@@ -164,7 +164,7 @@ class Windows:
 
     # Adding usage ---------------------------------------------------------------------------
 
-    def add(self, event: UsageEvent) -> None:
+    def add(self, event: MeteredEvent) -> None:
         """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
         the event is added)."""
         moment = event.time.timestamp()
@@ -371,9 +371,9 @@ def divisor(meter: str) -> Decimal:
     return _ONE
 
 
-def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
+def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
     """The metered parts of one event: what it adds to which window (pure)."""
-    if isinstance(event, GpuUsageEvent):
+    if isinstance(event, MeteredGpu):
         gpu = event.data
         rates = version.gpu
         if rates is None or gpu.gpu_model not in rates.base_rate_per_hour:
@@ -385,7 +385,7 @@ def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, st
         seconds = Decimal(billable_seconds(gpu.interval_seconds, rates) * gpu.gpu_count)
         dims = (("gpu_model", gpu.gpu_model), ("provider_id", gpu.provider_id))
         return [("gpu", dims, seconds, seconds * hourly, "gpu_hour", gpu.provider_id)]
-    if isinstance(event, ApiRequestEvent):
+    if isinstance(event, MeteredApi):
         api = event.data
         parts: list[Part] = []
         if plan.api_tier is not None:
@@ -400,7 +400,7 @@ def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, st
         # Neither: the request is usage (analytics count it) that this account's plan does not
         # charge for, as a free tier's endpoints are.
         return parts
-    if isinstance(event, StorageUsageEvent):
+    if isinstance(event, MeteredStorage):
         held = event.data
         per_gb_month = version.storage_per_gb_month.get(held.storage_kind)
         if per_gb_month is None:

@@ -10,7 +10,7 @@ from agents.ingest import IngestCore, IngestPolicy, Partitioner
 from agents.window import AccountPlan, UnpricedError, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, account_ids, generate
 from pipeline.settings import REPO_ROOT
-from schemas.events import event_decoder, valid_encoder
+from schemas.events import metered_decoder, valid_encoder
 from schemas.pricebook import load_price_book
 from schemas.rejections import Reason
 
@@ -44,7 +44,7 @@ def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int
     accepted = 0
     for raw in deduped.accepted:
         try:
-            windows.add(event_decoder.decode(raw))
+            windows.add(metered_decoder.decode(raw))
             accepted += 1
         except UnpricedError:
             rejected[Reason.UNPRICED.value] += 1
