@@ -31,7 +31,7 @@ from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_settings
-from pipeline.topics import create_topics
+from pipeline.topics import create_topics, delete_topics_with_prefix
 from schemas.events import batch_splitter, event_decoder
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -157,6 +157,7 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
             flush=True,
         )
     baseline, tally = statistics.median(baselines), statistics.median(tallies)
+    # The peer below reads usage.raw too: topics go when the shape is done.
 
     result: dict[str, Any] = {
         "name": f"ingest-{shape}",
@@ -195,6 +196,8 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
             peer.wait(30)
         print(f"[{shape}] quix-streams exactly-once 1:1 forward: {quix:,.0f} events/s", flush=True)
         result["peer_quixstreams_exactly_once_forward_events_per_s"] = round(quix)
+    dropped = asyncio.run(delete_topics_with_prefix(settings, settings.app_id))
+    print(f"[{shape}] deleted the run's {len(dropped)} topics", flush=True)
     return result
 
 

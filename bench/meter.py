@@ -40,7 +40,7 @@ from pipeline.oracle import store_plans, tier_plans
 from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_database, isolated_settings
-from pipeline.topics import create_topics
+from pipeline.topics import create_topics, delete_topics_with_prefix
 from schemas.events import metered_decoder
 from schemas.pricebook import load_price_book
 from sinks.postgres import sqlalchemy_url
@@ -194,6 +194,8 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
             f"charge rows {tallies[-1]:,.0f} events/s, window close -> row p50 {p50:.3f} s p99 {p99:.3f} s",
             flush=True,
         )
+    dropped = asyncio.run(delete_topics_with_prefix(settings, settings.app_id))
+    print(f"[{shape}] deleted the run's {len(dropped)} topics", flush=True)
     baseline, tally = statistics.median(baselines), statistics.median(tallies)
     p99 = statistics.median(p99s)
     return {
