@@ -379,8 +379,9 @@ def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, 
         if rates is None or gpu.gpu_model not in rates.base_rate_per_hour:
             raise UnpricedError(f"no GPU rate for {gpu.gpu_model!r} in price book {version.label}")
         demand = rates.demand_at(_dt(start), gpu.gpu_model) if rates.demand_schedule else None
+        minimum = rates.provider_minimum_per_hour.get(gpu.provider_id)
         hourly = gpu_hourly_rate(
-            rates, gpu.gpu_model, gpu.vram_total_gb, gpu.vram_allocated_gb, gpu.power_watts, demand
+            rates, gpu.gpu_model, gpu.vram_total_gb, gpu.vram_allocated_gb, gpu.power_watts, demand, minimum
         )
         seconds = Decimal(billable_seconds(gpu.interval_seconds, rates) * gpu.gpu_count)
         dims = (("gpu_model", gpu.gpu_model), ("provider_id", gpu.provider_id))

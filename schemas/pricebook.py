@@ -117,6 +117,9 @@ class GpuRates(_Model):
     # force at a window's start applies; before the first step, ``demand_multiplier``.
     demand_schedule: list[DemandStep] = Field(default_factory=list)
     platform_fee_percent: Percent = Decimal(5)
+    # Minimum hourly rate per provider id (seed 000: a provider sets the least it rents for); the
+    # meter floors each heartbeat's rate at its provider's minimum.
+    provider_minimum_per_hour: dict[str, NonNegative] = Field(default_factory=dict)
     billing_granularity_seconds: Annotated[int, Field(ge=1, le=3600)] = 60  # per-minute billing
     minimum_session_minutes: Annotated[int, Field(ge=0, le=1440)] = 1
 

@@ -314,3 +314,22 @@ versions:
     p.poll(wall_clock=T0 + timedelta(hours=1))
     # 100 units at 1 = 100; at 120 units the whole period costs 60: the second window charges 0.
     assert [c.amount_base_units for c in sorted(p.charges, key=lambda c: c.window_start)] == [100_000_000, 0]
+
+
+def test_a_providers_minimum_rate_floors_its_heartbeats() -> None:
+    text = """
+name: floors
+versions:
+  - effective_from: "2026-01-01T00:00:00Z"
+    gpu:
+      base_rate_per_hour: {rtx_4090: "0.50"}
+      power_rate_per_watt_hour: "0"
+      provider_minimum_per_hour: {prov-1: "1.20"}
+"""
+    PLANS["acct-floor"] = AccountPlan(parse_price_book(text))
+    p = Partition()
+    p.windows.add(event("gpu.usage.v1", T0, "acct-floor", 0, vram_allocated_gb="6"))  # 0.125/h -> 1.20
+    p.windows.add(event("gpu.usage.v1", T0, "acct-floor", 1, vram_allocated_gb="6", provider_id="prov-2"))
+    p.poll(wall_clock=T0 + timedelta(hours=1))
+    by_provider = {c.provider_id: c.amount_base_units for c in p.charges}
+    assert by_provider == {"prov-1": 20_000, "prov-2": 2_083}  # 1.20/60 and 0.125/60 USDC
