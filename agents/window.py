@@ -46,7 +46,14 @@ from agents.rating import (
     to_base_units,
 )
 from schemas.charges import Charge, charge_id
-from schemas.events import MeteredApi, MeteredEvent, MeteredGpu, MeteredStorage
+from schemas.events import (
+    MeteredApi,
+    MeteredEvent,
+    MeteredGpu,
+    MeteredSessionEnded,
+    MeteredSessionStarted,
+    MeteredStorage,
+)
 from schemas.pricebook import PriceBook, PriceBookVersion
 
 # State keys. Identity marks (dedupe) share the store: their keys are ``source\x00id`` with a
@@ -54,6 +61,7 @@ from schemas.pricebook import PriceBook, PriceBookVersion
 OPEN = b"\x00o"
 CLOSED = b"\x00c"
 PERIOD = b"\x00p"
+SESSION = b"\x00s"
 WATERMARK = b"\x00watermark"
 
 Dims = tuple[tuple[str, str], ...]
@@ -77,10 +85,12 @@ class WindowConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccountPlan:
-    """How an account is rated: its price book and, for API usage, its tier (seed 004)."""
+    """How an account is rated: its price book, its API tier (seed 004) and the user type its
+    compute sessions are priced by (seed 002)."""
 
     book: PriceBook
     api_tier: str | None = None
+    compute_user_type: str | None = None  # seed 002's user type; None: sessions are not charged
 
 
 class UnpricedError(LookupError):
@@ -109,7 +119,17 @@ class PeriodUsage(msgspec.Struct, array_like=True, gc=False):
     charged: int = 0
 
 
+class SessionSide(msgspec.Struct, array_like=True, gc=False):
+    """A compute session one of whose ends has been seen (epoch seconds)."""
+
+    started_at: int | None = None
+    resource_tier: str | None = None
+    ended_at: int | None = None
+    duration: int | None = None
+
+
 _tally_decoder = msgspec.msgpack.Decoder(Tally)
+_session_decoder = msgspec.msgpack.Decoder(SessionSide)
 _period_decoder = msgspec.msgpack.Decoder(PeriodUsage)
 
 
@@ -161,6 +181,7 @@ class Windows:
         self._dirty: set[WindowKey] = set()
         self._late: dict[WindowKey, Tally] = {}
         self._versions: dict[tuple[str, int], PriceBookVersion] = {}
+        self._session_changes: dict[bytes, bytes] = {}
 
     # Adding usage ---------------------------------------------------------------------------
 
@@ -175,13 +196,24 @@ class Windows:
         start = int(moment // config.size) * config.size
         plan = self.plan_of(event.subject)
         version = self._version(plan.book, start)
-        parts = usage_of(event, plan, version, start)
+        if isinstance(event, MeteredSessionStarted | MeteredSessionEnded):
+            joined = self._join_session(event, plan, version)
+            if joined is not None:  # both ends seen: the session is charged in its end's window
+                start = int(joined[0] // config.size) * config.size
+                self._add_parts(event.subject, start, joined[1], self._version(plan.book, start))
+        else:
+            self._add_parts(event.subject, start, usage_of(event, plan, version, start), version)
+        if moment > watermark:
+            self.watermark = int(moment)
+
+    def _add_parts(self, account: str, start: int, parts: list[Part], version: PriceBookVersion) -> None:
+        config = self.config
         open_windows = self.open
         for meter, dims, quantity, amount, unit, provider in parts:
-            key = (event.subject, meter, dims, start)
+            key = (account, meter, dims, start)
             tally = open_windows.get(key)
             if tally is None:
-                if start + config.size + config.grace <= watermark:  # closed: an adjustment
+                if start + config.size + config.grace <= self.watermark:  # closed: an adjustment
                     tally = self._late.get(key)
                     if tally is None:
                         tally = self._late[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
@@ -192,8 +224,38 @@ class Windows:
             tally.quantity += quantity
             tally.amount += amount
             self._dirty.add(key)
-        if moment > watermark:
-            self.watermark = int(moment)
+
+    def _join_session(
+        self, event: MeteredSessionStarted | MeteredSessionEnded, plan: AccountPlan, version: PriceBookVersion
+    ) -> tuple[int, list[Part]] | None:
+        """Seed 002's compute sessions: the start (resource tier) and the end (duration) may come
+        in either order; the first one seen waits in state (``SESSION`` keys, written with the
+        poll's changes), the second one charges the session in the end's window. Returns (end
+        time, parts) once both are seen, else None."""
+        key = SESSION + _codec.encode((event.subject, event.data.session_id))
+        raw = self._session_changes.get(key)
+        raw = (raw or None) if raw is not None else self.read(key)
+        seen = _session_decoder.decode(raw) if raw else SessionSide()
+        at = int(event.time.timestamp())
+        if isinstance(event, MeteredSessionStarted):
+            tier = event.data.resource_tier
+            user_type = plan.compute_user_type
+            if tier and user_type and tier not in version.compute_per_hour.get(user_type, {}):
+                raise UnpricedError(f"no compute rate for {user_type!r} x {tier!r} in {version.label}")
+            seen.started_at, seen.resource_tier = at, tier
+        else:
+            seen.ended_at, seen.duration = at, event.data.duration_seconds
+        if seen.started_at is None or seen.ended_at is None:
+            self._session_changes[key] = _codec.encode(seen)
+            return None
+        self._session_changes[key] = b""  # joined: the session leaves the state
+        seconds = seen.duration if seen.duration is not None else max(0, seen.ended_at - seen.started_at)
+        rates = version.compute_per_hour.get(plan.compute_user_type or "", {})
+        if seen.resource_tier is None or seen.resource_tier not in rates:
+            return None  # a session without a priced tier or user type is usage, not a charge
+        quantity = Decimal(seconds)
+        meter = f"compute:{seen.resource_tier}"
+        return seen.ended_at, [(meter, (), quantity, quantity * rates[seen.resource_tier], "hour", None)]
 
     def _version(self, book: PriceBook, start: int) -> PriceBookVersion:
         version = self._versions.get((book.name, start))
@@ -226,6 +288,8 @@ class Windows:
         self._dirty.clear()
         for raw, usage in periods.items():
             result.changes[raw] = _codec.encode(usage)
+        result.changes.update(self._session_changes)
+        self._session_changes.clear()
         if self.watermark != self._stored_watermark:
             result.changes[WATERMARK] = str(self.watermark).encode()
             self._stored_watermark = self.watermark
@@ -368,6 +432,8 @@ def divisor(meter: str) -> Decimal:
         return SECONDS_PER_HOUR
     if meter.startswith("storage:"):
         return SECONDS_PER_MONTH
+    if meter.startswith("compute:"):
+        return SECONDS_PER_HOUR
     return _ONE
 
 
@@ -409,7 +475,8 @@ def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, 
         gb_seconds = held.gb * held.duration_seconds
         meter = f"storage:{held.storage_kind}"
         return [(meter, (), gb_seconds, gb_seconds * per_gb_month, "gb_month", None)]
-    # Session start/end events describe sessions; GPU time is billed from the heartbeats.
+    # Session start/end events are joined by ``Windows`` (compute sessions); GPU time is billed
+    # from the heartbeats.
     return []
 
 

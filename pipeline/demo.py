@@ -141,7 +141,15 @@ def usdc(base_units: int | Decimal) -> str:
 def print_money(console: Console, engine: Engine, want: dict[str, int], got: dict[str, int]) -> bool:
     rows = account_usage(engine)
     table = Table(title=f"Per account, from Postgres (the {SHOWN_ACCOUNTS} most charged of {len(rows)})")
-    for column in ("account", "plan", "GPU hours", "API requests", "tokens", "storage GB-months"):
+    for column in (
+        "account",
+        "plan",
+        "GPU hours",
+        "API requests",
+        "tokens",
+        "storage GB-months",
+        "compute h",
+    ):
         table.add_column(column, justify="left" if column in {"account", "plan"} else "right")
     for column in ("charges", "charged USDC", "balance USDC"):
         table.add_column(column, justify="right")
@@ -153,6 +161,7 @@ def print_money(console: Console, engine: Engine, want: dict[str, int], got: dic
             f"{r.api_requests:,.0f}",
             f"{r.tokens:,.0f}",
             f"{r.gb_months:,.3f}",
+            f"{r.compute_hours:,.1f}",
             f"{r.charges:,}",
             usdc(r.charged),
             usdc(r.balance),
@@ -164,6 +173,7 @@ def print_money(console: Console, engine: Engine, want: dict[str, int], got: dic
         f"{sum(r.api_requests for r in rows):,.0f}",
         f"{sum(r.tokens for r in rows):,.0f}",
         f"{sum(r.gb_months for r in rows):,.3f}",
+        f"{sum(r.compute_hours for r in rows):,.1f}",
         f"{sum(r.charges for r in rows):,}",
         usdc(sum(r.charged for r in rows)),
         usdc(sum(r.balance for r in rows)),

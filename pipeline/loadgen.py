@@ -164,6 +164,7 @@ class _Generator:
         self.reusable: list[dict[str, Any]] = []  # good events sent keyed: copies may follow them
         self.buffers: dict[str, list[bytes]] = {}
         self.bad_cycle = 0
+        self.open_sessions: list[tuple[str, str]] = []  # (account, session id) started, not ended
 
     def run(self) -> Iterator[Message]:
         plan = self.plan
@@ -214,6 +215,7 @@ class _Generator:
     def _good(self, account: str | None = None) -> dict[str, Any]:
         self.serial += 1
         rng = self.rng
+        keyed = account is not None
         account = account or rng.choice(self.accounts)
         kind = rng.random()
         time = self._time()
@@ -263,18 +265,27 @@ class _Generator:
                 "duration_seconds": 3600,
             }
         elif kind < 0.975:
+            session = f"sess-{self.plan.run_id}-{account}-{self.serial}"
             event["type"] = "session.started.v1"
             event["data"] = {
-                "session_id": f"sess-{account}-{self.serial}",
-                "resource_tier": "gpu",
+                "session_id": session,
+                "resource_tier": rng.choice(["small", "medium", "large", "gpu"]),
                 "gpu_model": "a100",
                 "vram_total_gb": "80",
                 "vram_allocated_gb": "40",
             }
+            if not keyed:  # a copy for an id conflict keeps its original's account: no pairing
+                self.open_sessions.append((account, session))
         else:
+            # The end of a session started earlier (its start may still come later in event
+            # time: the meter joins both ends in either order), else of one never started.
+            session = f"sess-{self.plan.run_id}-{account}-{self.serial}"
+            if not keyed and self.open_sessions:
+                account, session = self.open_sessions.pop(rng.randrange(len(self.open_sessions)))
+                event["subject"] = account
             event["type"] = "session.ended.v1"
             event["data"] = {
-                "session_id": f"sess-{account}-{self.serial}",
+                "session_id": session,
                 "reason": "completed",
                 "duration_seconds": rng.randint(60, 7200),
             }

@@ -21,11 +21,21 @@ from sqlalchemy import Engine
 from agents.rating import price
 from pipeline.loadgen import Expected, Message
 from pipeline.settings import Settings
-from schemas.events import ApiRequestEvent, GpuUsageEvent, StorageUsageEvent, UsageEvent, event_decoder
-from schemas.pricebook import load_price_book
+from schemas.events import (
+    ApiRequestEvent,
+    GpuUsageEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    StorageUsageEvent,
+    UsageEvent,
+    event_decoder,
+)
+from schemas.pricebook import PriceBook, load_price_book
 from sinks.postgres import upsert_accounts, upsert_plans
 
 TIERS = ("startup", "growth", "enterprise")
+# The user type each tier's plan prices compute sessions by (seed 002).
+USER_TYPES = {"startup": "free", "growth": "pro", "enterprise": "enterprise"}
 
 
 def tier_plans(accounts: list[str]) -> dict[str, str | None]:
@@ -34,8 +44,12 @@ def tier_plans(accounts: list[str]) -> dict[str, str | None]:
 
 
 def store_plans(engine: Engine, plans: dict[str, str | None], book: str = "default") -> None:
-    """One plan per API tier (named after it) and every account on its plan, in Postgres."""
-    upsert_plans(engine, [{"name": t, "price_book": book, "api_tier": t} for t in TIERS])
+    """One plan per API tier (named after it, with its compute user type) and every account on
+    its plan, in Postgres."""
+    upsert_plans(
+        engine,
+        [{"name": t, "price_book": book, "api_tier": t, "compute_user_type": USER_TYPES[t]} for t in TIERS],
+    )
     upsert_accounts(engine, list(plans.items()))
 
 
@@ -61,7 +75,7 @@ def accepted_events(messages: list[Message], expected: Expected) -> list[UsageEv
 
 def oracle(settings: Settings, events: list[UsageEvent], plans: dict[str, str | None]) -> dict[str, int]:
     """Per account, the base units Postgres must hold for ``events`` (every account on the
-    default book, with the API tier ``plans`` gives it)."""
+    default book, with the API tier ``plans`` gives it and that tier's compute user type)."""
     book = load_price_book(settings.price_books_dir / f"{settings.default_price_book}.yaml")
     unit = Fraction(10) ** book.token.decimals
     windows: dict[tuple[str, str, str, int], Fraction] = defaultdict(Fraction)
@@ -91,6 +105,8 @@ def oracle(settings: Settings, events: list[UsageEvent], plans: dict[str, str | 
                 periods[(e.subject, f"product:{e.data.product_id}", month)] += (
                     e.data.tokens_in + e.data.tokens_out
                 )
+    for key, amount in _compute_sessions(book, events, plans).items():
+        windows[key] += amount
     totals: dict[str, int] = defaultdict(int)
     for (account, *_), amount in windows.items():
         totals[account] += round(amount * unit)  # round() of a Fraction is half-even
@@ -106,3 +122,26 @@ def oracle(settings: Settings, events: list[UsageEvent], plans: dict[str, str | 
                 Fraction(price(version.products[name].pricing, Decimal(int(used)))) * unit
             )
     return dict(totals)
+
+
+def _compute_sessions(
+    book: PriceBook, events: list[UsageEvent], plans: dict[str, str | None]
+) -> dict[tuple[str, str, str, int], Fraction]:
+    """Compute sessions with both ends accepted, by the account's user type, in the end's minute."""
+    starts = {(e.subject, e.data.session_id): e for e in events if isinstance(e, SessionStartedEvent)}
+    ends = {(e.subject, e.data.session_id): e for e in events if isinstance(e, SessionEndedEvent)}
+    windows: dict[tuple[str, str, str, int], Fraction] = defaultdict(Fraction)
+    for (account, session), end in ends.items():
+        start, tier = starts.get((account, session)), plans[account]
+        if start is None or tier is None or start.data.resource_tier is None:
+            continue
+        rates = book.version_at(end.time).compute_per_hour[USER_TYPES[tier]]
+        if end.data.duration_seconds is not None:
+            seconds = end.data.duration_seconds
+        else:
+            seconds = max(0, int(end.time.timestamp()) - int(start.time.timestamp()))
+        end_minute = int(end.time.timestamp()) // 60
+        windows[(account, "compute", start.data.resource_tier, end_minute)] += (
+            seconds * Fraction(rates[start.data.resource_tier]) / 3600
+        )
+    return windows

@@ -48,9 +48,9 @@ class PlanDirectory:
             log.warning("meter: cannot read account plans (%s); keeping the ones loaded", exc.orig)
             return
         plans: dict[str, AccountPlan] = {}
-        for account, (book_name, api_tier) in rows.items():
+        for account, (book_name, api_tier, user_type) in rows.items():
             try:
-                plans[account] = AccountPlan(self.book(book_name), api_tier)
+                plans[account] = AccountPlan(self.book(book_name), api_tier, user_type)
             except (OSError, ValueError) as exc:
                 log.error(
                     "meter: account %s: price book %r unusable (%s); rating it with the default",

@@ -227,12 +227,22 @@ class MeteredStorage(_MeteredEnvelope, tag="storage.usage.v1"):
     data: StorageView
 
 
+class SessionStartView(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    session_id: str
+    resource_tier: str | None = None
+
+
+class SessionEndView(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    session_id: str
+    duration_seconds: int | None = None
+
+
 class MeteredSessionStarted(_MeteredEnvelope, tag="session.started.v1"):
-    pass
+    data: SessionStartView
 
 
 class MeteredSessionEnded(_MeteredEnvelope, tag="session.ended.v1"):
-    pass
+    data: SessionEndView
 
 
 MeteredEvent = MeteredGpu | MeteredApi | MeteredStorage | MeteredSessionStarted | MeteredSessionEnded

@@ -48,6 +48,7 @@ plans_table = Table(
     Column("name", Text, primary_key=True),
     Column("price_book", Text),
     Column("api_tier", Text),
+    Column("compute_user_type", Text),
     Column("description", Text),
 )
 accounts_table = Table(
@@ -185,26 +186,34 @@ class LedgerWriter:
 # Plans and accounts -------------------------------------------------------------------------------
 
 
-def account_plans(engine: Engine) -> dict[str, tuple[str, str | None]]:
-    """account id -> (price book name, API tier) for every account that has a plan."""
-    statement = select(accounts_table.c.account_id, plans_table.c.price_book, plans_table.c.api_tier).join(
-        plans_table, plans_table.c.name == accounts_table.c.plan
-    )
+def account_plans(engine: Engine) -> dict[str, tuple[str, str | None, str | None]]:
+    """account id -> (price book name, API tier, compute user type) for every account with a plan."""
+    plans = plans_table.c
+    statement = select(
+        accounts_table.c.account_id, plans.price_book, plans.api_tier, plans.compute_user_type
+    ).join(plans_table, plans.name == accounts_table.c.plan)
     with engine.connect() as connection:
-        return {row.account_id: (row.price_book, row.api_tier) for row in connection.execute(statement)}
+        return {
+            row.account_id: (row.price_book, row.api_tier, row.compute_user_type)
+            for row in connection.execute(statement)
+        }
 
 
 def upsert_plans(engine: Engine, plans: Sequence[dict[str, Any]]) -> None:
-    """Create or update plans: dicts of name, price_book, api_tier (optional), description."""
+    """Create or update plans: dicts of name, price_book, and optionally api_tier,
+    compute_user_type and description."""
     if not plans:
         return
-    rows = [{"api_tier": None, "description": "", **plan} for plan in plans]
+    rows = [{"api_tier": None, "compute_user_type": None, "description": "", **plan} for plan in plans]
     statement = insert(plans_table).values(rows)
     with engine.begin() as connection:
         connection.execute(
             statement.on_conflict_do_update(
                 index_elements=[plans_table.c.name],
-                set_={c: statement.excluded[c] for c in ("price_book", "api_tier", "description")},
+                set_={
+                    c: statement.excluded[c]
+                    for c in ("price_book", "api_tier", "compute_user_type", "description")
+                },
             )
         )
 
@@ -253,6 +262,7 @@ def account_usage(engine: Engine) -> list[Any]:
                coalesce(sum(c.quantity) FILTER (WHERE c.meter = 'api_overage'), 0) AS api_requests,
                coalesce(sum(c.quantity) FILTER (WHERE c.meter LIKE 'product:%'), 0) AS tokens,
                coalesce(sum(c.quantity) FILTER (WHERE c.meter LIKE 'storage:%'), 0) AS gb_months,
+               coalesce(sum(c.quantity) FILTER (WHERE c.meter LIKE 'compute:%'), 0) AS compute_hours,
                count(*) AS charges,
                sum(c.amount_base_units)::bigint AS charged,
                coalesce(b.balance_base_units, 0) AS balance

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from agents.rating import to_base_units
 from agents.window import (
     OPEN,
+    SESSION,
     WATERMARK,
     AccountPlan,
     Tally,
@@ -34,7 +35,7 @@ BOOK = load_price_book(Path(__file__).resolve().parents[2] / "schemas" / "priceb
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)  # a window start (minute boundary)
 CONFIG = WindowConfig(size=60, grace=300, horizon=35 * 86_400)
 RATED_AT = datetime(2026, 11, 24, 13, 0, tzinfo=UTC)
-PLANS = {"acct-api": AccountPlan(BOOK, "startup")}
+PLANS = {"acct-api": AccountPlan(BOOK, "startup"), "acct-ent": AccountPlan(BOOK, None, "enterprise")}
 _tally = msgspec.msgpack.Decoder(Tally)
 
 
@@ -62,6 +63,8 @@ def event(kind: str, at: datetime, account: str = "acct-1", serial: int = 0, **d
             "gb": "100",
             "duration_seconds": 3600,
         },
+        "session.started.v1": {"session_id": "c1", "resource_tier": "medium"},
+        "session.ended.v1": {"session_id": "c1", "duration_seconds": 7200},
     }
     envelope = {
         "specversion": "1.0",
@@ -333,3 +336,29 @@ versions:
     p.poll(wall_clock=T0 + timedelta(hours=1))
     by_provider = {c.provider_id: c.amount_base_units for c in p.charges}
     assert by_provider == {"prov-1": 20_000, "prov-2": 2_083}  # 1.20/60 and 0.125/60 USDC
+
+
+@pytest.mark.parametrize("end_first", [False, True])
+def test_a_compute_session_is_charged_once_both_ends_are_seen(end_first: bool) -> None:
+    """Seed 002: 2 h of a medium session for an enterprise user at 0.015/h = 0.03, in the end's
+    window, whichever end comes first, across a restart in between."""
+    p = Partition()
+    start = event("session.started.v1", T0, "acct-ent", 1)
+    end = event("session.ended.v1", T0 + timedelta(hours=2), "acct-ent", 2)
+    first, second = (end, start) if end_first else (start, end)
+    p.poll(first)
+    assert p.charges == [] and any(k.startswith(SESSION) for k in p.store)  # one end waits in state
+    p.reopen()  # a restart between the two ends
+    p.poll(second, wall_clock=T0 + timedelta(hours=3))
+    [charge] = p.charges
+    assert (charge.meter, charge.amount_base_units, charge.unit) == ("compute:medium", 30_000, "hour")
+    assert charge.quantity == "2" and charge.window_start == T0 + timedelta(hours=2)
+    assert not any(k.startswith(SESSION) for k in p.store)  # joined: gone from the state
+
+
+def test_sessions_without_a_user_type_or_with_an_unknown_tier() -> None:
+    p = Partition()
+    p.poll(event("session.started.v1", T0, "acct-1", 1), event("session.ended.v1", T0, "acct-1", 2))
+    assert p.poll(wall_clock=T0 + timedelta(hours=1)).charges == []  # no user type: usage only
+    with pytest.raises(UnpricedError, match="quantum"):
+        p.windows.add(event("session.started.v1", T0, "acct-ent", 3, resource_tier="quantum"))
