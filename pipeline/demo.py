@@ -185,7 +185,7 @@ def print_money(console: Console, engine: Engine, want: dict[str, int], got: dic
     table = Table(title="Platform and providers (credits)")
     table.add_column("ledger account")
     table.add_column("USDC", justify="right")
-    table.add_row("platform (fees, API tiers, products, storage)", usdc(platform))
+    table.add_row("platform (GPU fees; API, products, storage, compute)", usdc(platform))
     for account, balance in providers:
         table.add_row(account, usdc(balance))
     table.add_row("all providers", usdc(sum(b for _, b in providers)))
