@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -256,14 +257,22 @@ def replace_table(marker: str, rows: list[str]) -> None:
     README.write_text(text, encoding="utf-8")
 
 
-def main() -> None:
-    work = Path(os.environ.get("TALLY_BENCH_DIR", REPO_ROOT / ".data" / "bench"))
+def run_benches(
+    name: str,
+    all_shapes: Iterable[str],
+    run_shape: Callable[[str, Path], dict[str, Any]],
+    write_readme: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Run the shapes named on the command line (default: all), write each one's JSON, and the
+    README table from those and the earlier results of the shapes not run this time."""
+    work = Path(os.environ.get("TALLY_BENCH_DIR", REPO_ROOT / ".data" / "bench")) / name
     RESULTS.mkdir(parents=True, exist_ok=True)
-    shapes = sys.argv[1:] or list(SHAPES)  # e.g. `python -m bench.ingest batch`
+    known = list(all_shapes)
+    shapes = sys.argv[1:] or known  # e.g. `python -m bench.ingest batch`
     results = [
         json.loads(p.read_text())
-        for p in sorted(RESULTS.glob("ingest-*.json"))
-        if p.stem.removeprefix("ingest-") in SHAPES and p.stem.removeprefix("ingest-") not in shapes
+        for p in sorted(RESULTS.glob(f"{name}-*.json"))
+        if p.stem.removeprefix(f"{name}-") in known and p.stem.removeprefix(f"{name}-") not in shapes
     ]
     for shape in shapes:
         result = run_shape(shape, work)
@@ -271,6 +280,10 @@ def main() -> None:
         results.append(result)
     write_readme(sorted(results, key=lambda r: str(r["name"]), reverse=True))
     print(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    run_benches("ingest", SHAPES, run_shape, write_readme)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,7 @@ Targets (issue 4, one worker process, this 2-core machine): batch >= 80,000 even
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import statistics
-import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -34,7 +31,7 @@ import psycopg
 from sqlalchemy import create_engine
 
 from agents.window import AccountPlan, usage_of
-from bench.ingest import RESULTS, bare_consumer, machine, replace_table
+from bench.ingest import bare_consumer, machine, replace_table, run_benches
 from pipeline.loadgen import Expected, LoadPlan, Message, account_ids, default_now, generate, publish
 from pipeline.oracle import store_plans, tier_plans
 from pipeline.outputs import OutputReader
@@ -239,20 +236,7 @@ def write_readme(results: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    work = Path(os.environ.get("TALLY_BENCH_DIR", REPO_ROOT / ".data" / "bench"))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    shapes = sys.argv[1:] or list(SHAPES)  # e.g. `python -m bench.meter batch`
-    results = [
-        json.loads(p.read_text())
-        for p in sorted(RESULTS.glob("meter-*.json"))
-        if p.stem.removeprefix("meter-") in SHAPES and p.stem.removeprefix("meter-") not in shapes
-    ]
-    for shape in shapes:
-        result = run_shape(shape, work / "meter")
-        (RESULTS / f"{result['name']}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        results.append(result)
-    write_readme(sorted(results, key=lambda r: str(r["name"]), reverse=True))
-    print(json.dumps(results, indent=2))
+    run_benches("meter", SHAPES, run_shape, write_readme)
 
 
 if __name__ == "__main__":

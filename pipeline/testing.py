@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from pipeline.loadgen import account_ids
+from pipeline.loadgen import Message, account_ids, publish
+from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings, load_settings, mask_url
 from pipeline.topics import create_topics
 from sinks.postgres import upgrade
@@ -195,3 +197,32 @@ def console_produce(settings: Settings, lines: list[bytes], *options: str) -> No
         *options,
         stdin=b"\n".join(lines) + b"\n",
     )
+
+
+Fault = Callable[[], Awaitable[None]]
+
+
+async def publish_with_faults(
+    settings: Settings,
+    messages: Sequence[Message],
+    reader: OutputReader,
+    must: int,
+    faults: Sequence[tuple[float, Fault]],
+    *,
+    rate: float,
+    after_each: Callable[[], None] | None = None,
+) -> None:
+    """Publish ``messages`` at ``rate`` events/s and fire each ``(fraction, fault)`` once the
+    outputs ``reader`` counts reach that fraction of ``must`` (so faults land mid-stream: each
+    asserts that input is still unprocessed); returns when everything is published."""
+    publisher = asyncio.create_task(publish(settings, messages, rate=rate, chunk=200))
+    pending = sorted(faults, key=lambda f: f[0])
+    while pending:
+        await reader.poll()
+        if reader.outputs.total >= pending[0][0] * must:
+            assert reader.outputs.total < must, "the fault must land while input is still unprocessed"
+            _, fault = pending.pop(0)
+            await fault()
+            if after_each is not None:
+                after_each()
+    await publisher

@@ -8,19 +8,16 @@ read-committed consumer and compares them with what the load generator says must
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
+from pipeline.loadgen import Expected, LoadPlan, default_now, generate
 from pipeline.outputs import OutputReader, Outputs
 from pipeline.settings import Settings
-from pipeline.testing import Worker, isolated_settings
+from pipeline.testing import Fault, Worker, isolated_settings, publish_with_faults
 
 # Events per run, and the publish rate that spreads them over ~30 s so faults land mid-stream.
 EVENTS = 60_000
 RATE = 2_000.0
-
-Fault = Callable[[], Awaitable[None]]
 
 
 async def run_with_faults(settings: Settings, faults: list[tuple[float, Fault]]) -> tuple[Expected, Outputs]:
@@ -37,16 +34,13 @@ async def run_with_faults(settings: Settings, faults: list[tuple[float, Fault]])
     must = len(expected.accepted) + sum(expected.rejected.values())
     async with OutputReader(settings) as reader:
         await reader.start_from(await reader.snapshot())
-        publisher = asyncio.create_task(publish(settings, messages, rate=RATE, chunk=200))
-        pending = sorted(faults, key=lambda f: f[0])
-        while pending:
-            await reader.poll()
-            if reader.outputs.total >= pending[0][0] * must:
-                assert reader.outputs.total < must, "the fault must land while input is still unprocessed"
-                _, fault = pending.pop(0)
-                await fault()
-                assert reader.outputs.repeated == {}, "a repeat is visible already"
-        await publisher
+
+        def no_repeat_yet() -> None:
+            assert reader.outputs.repeated == {}, "a repeat is visible already"
+
+        await publish_with_faults(
+            settings, messages, reader, must, faults, rate=RATE, after_each=no_repeat_yet
+        )
         outputs = await reader.read_until(must, idle_timeout_s=90, drain_s=5)
     return expected, outputs
 

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 from sqlalchemy import create_engine
 
-from pipeline.loadgen import Expected, LoadPlan, Message, account_ids, default_now, generate, publish
+from pipeline.loadgen import Expected, LoadPlan, Message, account_ids, default_now, generate
 from pipeline.oracle import accepted_events, oracle, store_plans, tier_plans
 from pipeline.outputs import OutputReader
 from pipeline.settings import Settings
-from pipeline.testing import Worker, isolated_settings
+from pipeline.testing import Fault, Worker, isolated_settings, publish_with_faults
 from sinks.postgres import account_totals, ledger_check, sqlalchemy_url
 
-Fault = Callable[[], Awaitable[None]]
 EVENTS = 100_000
 RATE = 3_000.0  # events/s published: ~35 s of input, so every fault lands mid-stream
 
@@ -36,15 +35,7 @@ async def drive(
     """Publish, and fire each fault when the accepted + rejected outputs reach its fraction."""
     async with OutputReader(settings, keep_identities=False) as reader:
         await reader.start_from(await reader.snapshot())
-        publisher = asyncio.create_task(publish(settings, messages, rate=RATE, chunk=200))
-        pending = sorted(faults, key=lambda f: f[0])
-        while pending:
-            await reader.poll()
-            if reader.outputs.total >= pending[0][0] * must:
-                assert reader.outputs.total < must, "the fault must land while input is still unprocessed"
-                _, fault = pending.pop(0)
-                await fault()
-        await publisher
+        await publish_with_faults(settings, messages, reader, must, faults, rate=RATE)
         await reader.read_until(must, idle_timeout_s=120, drain_s=2)
 
 
