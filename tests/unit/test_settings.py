@@ -59,3 +59,22 @@ def test_config_check_command_lists_every_problem_and_exits_2(tmp_path: Path) ->
     assert result.returncode == 2
     assert "TALLY_PARTITIONS" in result.stderr
     assert "TALLY_KAFKA_URL" in result.stderr
+
+
+def test_window_and_price_book_rules_are_reported_together(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            window_size="PT7S",  # does not divide a day
+            window_grace="-PT1S",
+            window_idle_close="PT0S",
+            price_books_dir=tmp_path,  # no default.yaml there
+        )
+    text = str(caught.value)
+    for problem in (
+        "window_size must divide a day",
+        "window_grace must be a whole number of seconds, not negative",
+        "window_idle_close must be at least 1 second",
+        "default_price_book: no file default.yaml",
+    ):
+        assert problem in text
+    assert load_settings(window_size="PT300S", window_grace="PT30S").window_size.seconds == 300
