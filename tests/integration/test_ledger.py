@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import psycopg
 import pytest
+from aiokafka.structs import ConsumerRecord
 from sqlalchemy import text
 
+from agents.ledger import LedgerTask
 from pipeline.settings import load_settings
 from pipeline.testing import isolated_database
-from schemas.charges import Charge, charge_id
+from schemas.charges import Charge, charge_id, charges_encoder
 from sinks.postgres import LedgerWriter
 
 
@@ -105,3 +109,46 @@ def test_charge_ids_are_deterministic_and_revisions_differ() -> None:
     assert first == charge_id("acct-1", "gpu", {"region": "eu", "gpu_model": "a100"}, window, 0)
     assert first != charge_id("acct-1", "gpu", {"gpu_model": "a100", "region": "eu"}, window, 1)
     assert first.version == 5
+
+
+def test_the_ledger_stage_dead_letters_what_breaks_the_contract_and_writes_the_rest(tmp_path: Path) -> None:
+    """Charges from a foreign producer: undecodable, negative, a fee above its charge, or text
+    Postgres refuses (NUL) - each such message is dead-lettered with a reason, never raised,
+    and the good ones in the same poll are written."""
+    settings = isolated_database(load_settings(data_dir=tmp_path))
+    good = charges(3, seed=7)
+    nul = [msgspec.structs.replace(charges(1, seed=8, first_minute=500)[0], account="acct-\x00")]
+    negative = msgspec.json.encode(charges(1, seed=9, first_minute=600)).replace(
+        b'"amount_base_units":', b'"amount_base_units":-', 1
+    )
+    above = [
+        msgspec.structs.replace(
+            good[0], platform_fee_base_units=good[0].amount_base_units + 1, provider_id="p"
+        )
+    ]
+    values = [
+        charges_encoder.encode(good),
+        charges_encoder.encode(nul),
+        negative,
+        charges_encoder.encode(above),
+        b"not json",
+    ]
+    records = [
+        ConsumerRecord("charges", 0, offset, 0, 0, None, value, None, 0, len(value), ())
+        for offset, value in enumerate(values)
+    ]
+    writer = LedgerWriter(settings)
+    try:
+        task = LedgerTask(settings, 0, writer)
+        outcome = asyncio.run(task.process(records, datetime.now(UTC)))
+        assert outcome.counters["new"] == 3
+        assert outcome.counters["rejected.schema_violation"] == 4
+        origins = sorted(dict(m.headers)["tally.origin"] for m in outcome.messages)
+        assert origins == [f"{settings.topic_charges}/0/{i}".encode() for i in (1, 2, 3, 4)]
+        assert [m.value for m in outcome.messages if dict(m.headers)["tally.origin"].endswith(b"/1")] == [
+            values[1]
+        ]
+        with writer.engine.connect() as db:
+            assert db.execute(text("SELECT count(*) FROM charges")).scalar_one() == 3
+    finally:
+        writer.close()
