@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,10 @@ def test_a_runs_topics_are_created_once_and_deleted_by_its_prefix(tmp_path: Path
 
     deleted = asyncio.run(delete_topics_with_prefix(settings, settings.app_id))
     assert set(deleted) == declared
+    # Deletion is asynchronous on the broker: the metadata forgets the topics within seconds.
+    deadline = time.monotonic() + 30
+    while declared & asyncio.run(topic_names(settings)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not declared & asyncio.run(topic_names(settings))
     with pytest.raises(ValueError, match="every topic"):
         asyncio.run(delete_topics_with_prefix(settings, ""))
