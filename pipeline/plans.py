@@ -29,7 +29,7 @@ class PlanDirectory:
         self._books: dict[str, PriceBook] = {}
         self.default = AccountPlan(self.book(settings.default_price_book))
         self._plans: dict[str, AccountPlan] = {}
-        self._read_at = float("-inf")
+        self._read_at: float | None = None  # monotonic seconds of the last read; None: never
 
     def book(self, name: str) -> PriceBook:
         """The price book ``<name>.yaml`` (loaded once; a bad file raises ``PriceBookError``)."""
@@ -40,7 +40,10 @@ class PlanDirectory:
 
     def refresh(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._read_at < self.settings.plans_refresh.total_seconds():
+        fresh = (
+            self._read_at is not None and now - self._read_at < self.settings.plans_refresh.total_seconds()
+        )
+        if fresh and not force:
             return
         try:
             rows = account_plans(self.engine)
