@@ -32,10 +32,10 @@ from decimal import Decimal
 import msgspec
 import xxhash
 from aiokafka.partitioner import murmur2
-from aiokafka.structs import ConsumerRecord, RecordMetadata
+from aiokafka.structs import ConsumerRecord
 
 from pipeline.settings import Settings
-from pipeline.transactional import Outcome, Outgoing
+from pipeline.transactional import Outcome, Outgoing, StatelessTask
 from schemas.events import (
     FINGERPRINT_BYTES,
     MAX_BATCH_BYTES,
@@ -329,7 +329,7 @@ def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
 # The shell: adapts the core to the exactly-once loop (pipeline.transactional) -----------------
 
 
-class IngestTask:
+class IngestTask(StatelessTask):
     """Ingest for one ``usage.raw`` partition; stateless, so ``committed`` has nothing to do."""
 
     def __init__(
@@ -358,15 +358,6 @@ class IngestTask:
             **rejection_counters(result.rejected),
         }
         return Outcome(messages, counters=counters)
-
-    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
-        return None
-
-    def tick(self, now: datetime) -> Outcome | None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 class IngestStage:

@@ -23,11 +23,11 @@ from datetime import datetime
 import msgspec
 import psycopg
 import sqlalchemy.exc
-from aiokafka.structs import ConsumerRecord, RecordMetadata
+from aiokafka.structs import ConsumerRecord
 
 from agents.ingest import rejection_message
 from pipeline.settings import Settings
-from pipeline.transactional import Outcome, RetryLaterError
+from pipeline.transactional import Outcome, RetryLaterError, StatelessTask
 from schemas.charges import Charge, charges_decoder
 from schemas.rejections import Reason, Rejection, Stage, rejection_counters
 from sinks.postgres import LedgerWriter
@@ -44,7 +44,7 @@ REFUSED = (
 )
 
 
-class LedgerTask:
+class LedgerTask(StatelessTask):
     def __init__(self, settings: Settings, partition: int, writer: LedgerWriter) -> None:
         self.writer = writer
         self.rejected_topic = settings.topic_rejected
@@ -95,15 +95,6 @@ class LedgerTask:
             origin=f"{self.origin_prefix}{record.offset}",
             stage=Stage.LEDGER,
         )
-
-    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
-        return None
-
-    def tick(self, now: datetime) -> Outcome | None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 class LedgerStage:

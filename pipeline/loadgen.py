@@ -347,18 +347,7 @@ class _Generator:
             case BadKind.NAIVE_TIME:
                 event["time"] = event["time"].removesuffix("Z")
             case BadKind.VRAM_OVER_TOTAL:
-                event["type"] = "gpu.usage.v1"
-                event["data"] = {
-                    "session_id": "s",
-                    "provider_id": "p",
-                    "node_id": "n",
-                    "gpu_model": "h100",
-                    "vram_total_gb": "80",
-                    "vram_allocated_gb": "96",
-                    "power_watts": "700",
-                    "utilization": "0.5",
-                    "interval_seconds": 60,
-                }
+                event["type"], event["data"] = "gpu.usage.v1", _heartbeat("h100", vram_allocated_gb="96")
             case BadKind.HUGE_NUMBER:
                 event["type"] = "api.request.v1"
                 event["data"] = {"endpoint": "/v1/x", "request_count": 10**30}
@@ -388,22 +377,29 @@ class _Generator:
             case BadKind.UNKNOWN_ACCOUNT:
                 event["subject"] = f"ghost-{self.serial}"
             case BadKind.UNPRICED:  # valid, but no price book prices this GPU model
-                event["type"] = "gpu.usage.v1"
-                event["data"] = {
-                    "session_id": "s",
-                    "provider_id": "p",
-                    "node_id": "n",
-                    "gpu_model": "quantum_q1",
-                    "vram_total_gb": "80",
-                    "vram_allocated_gb": "80",
-                    "power_watts": "700",
-                    "utilization": "0.5",
-                    "interval_seconds": 60,
-                }
+                event["type"], event["data"] = (
+                    "gpu.usage.v1",
+                    _heartbeat("quantum_q1", vram_allocated_gb="80"),
+                )
             case BadKind.ID_CONFLICT:
                 pass  # already a different payload under a seen identity
             case _:  # pragma: no cover - whole-message kinds never reach here
                 raise AssertionError(kind)
+
+
+def _heartbeat(gpu_model: str, vram_allocated_gb: str) -> dict[str, Any]:
+    """A GPU heartbeat payload of an 80 GB card for the bad kinds that need one."""
+    return {
+        "session_id": "s",
+        "provider_id": "p",
+        "node_id": "n",
+        "gpu_model": gpu_model,
+        "vram_total_gb": "80",
+        "vram_allocated_gb": vram_allocated_gb,
+        "power_watts": "700",
+        "utilization": "0.5",
+        "interval_seconds": 60,
+    }
 
 
 def default_now() -> datetime:

@@ -103,6 +103,20 @@ class PartitionTask(Protocol):
     def close(self) -> None: ...
 
 
+class StatelessTask:
+    """Base of tasks that keep no local state and have no work without input (ingest, ledger):
+    nothing to apply after a commit, no tick, nothing to close."""
+
+    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
+        return None
+
+    def tick(self, now: datetime) -> Outcome | None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class Stage(Protocol):
     name: str
     input_topic: str
