@@ -68,6 +68,8 @@ Dims = tuple[tuple[str, str], ...]
 WindowKey = tuple[str, str, Dims, int]  # account, meter, dimensions, window start (epoch seconds)
 PERIOD_METERS = ("api_overage", "product:")
 UNIT_PRICE_PLACES = Decimal("1e-12")
+# Price-book versions looked up per (book, window start): a day of 60 s windows is 1,440 entries.
+VERSION_CACHE_SIZE = 10_000
 SECONDS_PER_MONTH = SECONDS_PER_HOUR * HOURS_PER_MONTH
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
@@ -260,6 +262,8 @@ class Windows:
     def _version(self, book: PriceBook, start: int) -> PriceBookVersion:
         version = self._versions.get((book.name, start))
         if version is None:
+            if len(self._versions) >= VERSION_CACHE_SIZE:  # a long-running meter sees ever new windows
+                self._versions.clear()
             version = self._versions[(book.name, start)] = book.version_at(_dt(start))
         return version
 
@@ -324,17 +328,15 @@ class Windows:
             periods[period_key] = PeriodUsage(used_after, usage.charged + amount)
             if meter == "api_overage":
                 self._fee(account, dims, start, plan, version, rated_at, result, periods)
+            # The period's price per unit is what this window's units were charged.
+            exact = Decimal(amount) / Decimal(10) ** decimals
         else:
             amount = to_base_units(total_amount / divisor(meter), decimals) - charged_before
+            exact = tally.amount  # per second for time meters: the divisor cancels out below
+        unit_price = (exact / tally.quantity if tally.quantity else _ZERO).quantize(UNIT_PRICE_PLACES)
         fee = 0
         if tally.provider is not None and version.gpu is not None:
             fee, _ = split_platform_fee(amount, version.gpu)
-        unit_price = (tally.amount / tally.quantity if tally.quantity else _ZERO).quantize(UNIT_PRICE_PLACES)
-        if meter.startswith(PERIOD_METERS):
-            unit_price = (
-                Decimal(amount) / Decimal(10) ** decimals / tally.quantity if tally.quantity else _ZERO
-            )
-            unit_price = unit_price.quantize(UNIT_PRICE_PLACES)
         quantity = tally.quantity / divisor(meter)
         result.charges.append(
             _charge(key, revision, tally, quantity, unit_price, amount, version.label, fee, rated_at)
