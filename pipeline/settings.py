@@ -99,6 +99,22 @@ class Settings(BaseSettings):
     # Kafka transaction timeout: a transaction open longer than this is aborted by the broker.
     transaction_timeout_ms: Annotated[int, Field(ge=1_000, le=900_000)] = 60_000
 
+    # Analytics (ClickHouse): a partition's batch is inserted once it holds this many rows or is
+    # this old, whichever comes first (the engine writes ~300,000 rows/s in 10k-100k-row inserts
+    # and ~95,000 in 1k-row ones, so batches are made large, and the interval bounds the delay).
+    analytics_batch_rows: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
+    analytics_batch_interval: timedelta = timedelta(seconds=2)
+    # First wait before retrying a failed insert (doubling up to analytics_retry_max).
+    analytics_retry_min: timedelta = timedelta(milliseconds=500)
+    analytics_retry_max: timedelta = timedelta(seconds=10)
+    # How often consumer lag is sampled into ClickHouse (the pipeline-health dashboard).
+    analytics_lag_interval: timedelta = timedelta(seconds=15)
+    # With the embedded engine (chdb), the worker that owns the path serves every other reader
+    # ClickHouse's HTTP interface on this loopback port (0: any free port, published in
+    # <clickhouse path>.endpoint). Read-only.
+    analytics_http_host: str = "127.0.0.1"
+    analytics_http_port: Annotated[int, Field(ge=0, le=65535)] = 0
+
     @model_validator(mode="after")
     def _local_defaults(self) -> Settings:
         if not self.kafka_url:
@@ -176,6 +192,12 @@ class Settings(BaseSettings):
             problems.append("window_size + window_grace must be shorter than dedupe_horizon")
         if self.window_idle_close < timedelta(seconds=1):
             problems.append("window_idle_close must be at least 1 second")
+        if self.analytics_batch_interval < timedelta(milliseconds=10):
+            problems.append("analytics_batch_interval must be at least 10 ms")
+        if not timedelta(milliseconds=10) <= self.analytics_retry_min <= self.analytics_retry_max:
+            problems.append("analytics_retry_min must be at least 10 ms and at most analytics_retry_max")
+        if self.analytics_lag_interval < timedelta(seconds=1):
+            problems.append("analytics_lag_interval must be at least 1 second")
         if not (self.price_books_dir / f"{self.default_price_book}.yaml").is_file():
             problems.append(
                 f"default_price_book: no file {self.default_price_book}.yaml in {self.price_books_dir}"

@@ -43,6 +43,7 @@ class Stage(StrEnum):
     INGEST = "ingest"
     METER = "meter"
     LEDGER = "ledger"
+    ANALYTICS = "analytics"
 
 
 class Rejection(msgspec.Struct, frozen=True):
