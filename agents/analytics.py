@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -187,9 +186,13 @@ class Batcher:
     @staticmethod
     def _split_at(state: PartitionState, batch: Batch, cut_at: int) -> Batch:
         keep = sum(1 for offset in batch.offsets if offset <= cut_at)
-        head = Batch(batch.start, batch.opened, batch.arrays[:keep], batch.offsets[:keep], batch.row_counts[:keep])
+        head = Batch(
+            batch.start, batch.opened, batch.arrays[:keep], batch.offsets[:keep], batch.row_counts[:keep]
+        )
         head.last = cut_at
-        rest = Batch(cut_at + 1, batch.opened, batch.arrays[keep:], batch.offsets[keep:], batch.row_counts[keep:])
+        rest = Batch(
+            cut_at + 1, batch.opened, batch.arrays[keep:], batch.offsets[keep:], batch.row_counts[keep:]
+        )
         rest.last = rest.offsets[-1] if rest.offsets else -1
         state.open = rest if rest.offsets else None
         state.cut_at = None
@@ -227,11 +230,8 @@ class AnalyticsSink:
             except BadRowsError as exc:
                 origin = f"{tp.topic}/{tp.partition}/{offset}"
                 detail = f"ClickHouse refused the rows of {table}: {str(exc)[:500]}"
-                refused.append(
-                    Rejection(Reason.SCHEMA_VIOLATION, detail, array, origin, Stage.ANALYTICS)
-                )
+                refused.append(Rejection(Reason.SCHEMA_VIOLATION, detail, array, origin, Stage.ANALYTICS))
         return refused
-
 
 
 # The shell: consumer, commits, backpressure --------------------------------------------------
@@ -273,7 +273,9 @@ class AnalyticsAgent:
             heartbeat_interval_ms=settings.session_timeout_ms // 3,
         )
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, max_request_size=MAX_DEAD_LETTER_BYTES
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_idempotence=True,
+            max_request_size=MAX_DEAD_LETTER_BYTES,
         )
         admin = self._admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         await admin.start()
@@ -283,7 +285,9 @@ class AnalyticsAgent:
         lag = asyncio.create_task(self._sample_lag())
         try:
             while not self._stopping.is_set():
-                polled = await consumer.getmany(timeout_ms=settings.poll_timeout_ms, max_records=settings.poll_max_records)
+                polled = await consumer.getmany(
+                    timeout_ms=settings.poll_timeout_ms, max_records=settings.poll_max_records
+                )
                 now = time.monotonic()
                 for tp, records in polled.items():
                     for record in records:
@@ -291,6 +295,10 @@ class AnalyticsAgent:
                 frozen = self.batcher.freeze_due(now)
                 if frozen:
                     await self._flush(consumer, producer, frozen)
+            # Stopping: write what is buffered (one attempt each; what fails is re-read later).
+            frozen = self.batcher.freeze_due(time.monotonic(), everything=True)
+            if frozen:
+                await self._flush(consumer, producer, frozen)
         finally:
             lag.cancel()
             await asyncio.gather(lag, return_exceptions=True)
@@ -309,7 +317,11 @@ class AnalyticsAgent:
         except (CommitFailedError, KafkaError) as exc:
             # Lost the partitions (a rebalance) or the broker: the next owner re-reads from the
             # last commit; writing these batches now could overlap its differently cut ones.
-            log.warning("analytics: could not record %d pending batches (%r); dropped, to be re-read", len(frozen), exc)
+            log.warning(
+                "analytics: could not record %d pending batches (%r); dropped, to be re-read",
+                len(frozen),
+                exc,
+            )
             for tp in frozen:
                 self.batcher.revoke(tp)
             return
@@ -318,7 +330,11 @@ class AnalyticsAgent:
             refused = await self._insert_until_written(consumer, tp, batch)
             for rejection in refused:
                 if tp.topic == self.settings.topic_rejected:
-                    log.error("analytics: ClickHouse refused a dead-letter row %s: %s", rejection.origin, rejection.detail)
+                    log.error(
+                        "analytics: ClickHouse refused a dead-letter row %s: %s",
+                        rejection.origin,
+                        rejection.detail,
+                    )
                     continue
                 await producer.send_and_wait(
                     self.settings.topic_rejected, rejection.original, headers=rejection.headers()
@@ -330,7 +346,9 @@ class AnalyticsAgent:
         try:
             await consumer.commit({tp: OffsetAndMetadata(batch.last + 1, "") for tp, batch in frozen.items()})
         except (CommitFailedError, KafkaError) as exc:
-            log.warning("analytics: commit after insert failed (%r); the next owner re-inserts, deduplicated", exc)
+            log.warning(
+                "analytics: commit after insert failed (%r); the next owner re-inserts, deduplicated", exc
+            )
         for tp, batch in frozen.items():
             self.batcher.done(tp, batch)
 
@@ -344,7 +362,9 @@ class AnalyticsAgent:
                 refused = await asyncio.to_thread(self.writer.insert, tp, batch)
             except Exception as exc:  # any failure but refused rows: ClickHouse unavailable or slow
                 if not self.paused:
-                    log.warning("analytics: ClickHouse insert failed (%s); pausing input, retrying", str(exc)[:300])
+                    log.warning(
+                        "analytics: ClickHouse insert failed (%s); pausing input, retrying", str(exc)[:300]
+                    )
                     consumer.pause(*consumer.assignment())
                     self.paused = True
                 self.counters["retries"] += 1
@@ -369,7 +389,9 @@ class AnalyticsAgent:
             try:
                 rows = await self.lag_rows()
                 if rows:
-                    await asyncio.to_thread(self.sink.insert, "consumer_lag", [_rejection_row.encode(rows)], f"lag:{time.time()}")
+                    await asyncio.to_thread(
+                        self.sink.insert, "consumer_lag", [_rejection_row.encode(rows)], f"lag:{time.time()}"
+                    )
             except Exception as exc:  # lag is a dashboard figure: never stop the agent for it
                 log.warning("analytics: consumer lag sample failed: %r", exc)
 

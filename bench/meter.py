@@ -133,8 +133,13 @@ def wait_for_rows(
 
 def run_shape(shape: str, work: Path) -> dict[str, Any]:
     batch_size, events, span = SHAPES[shape]
+    # The money path only: usage.raw -> Postgres (bench/analytics measures the analytics agent).
     settings = isolated_settings(
-        work / shape, accounts=ACCOUNTS, accounts_file=None, window_idle_close="PT600S"
+        work / shape,
+        accounts=ACCOUNTS,
+        accounts_file=None,
+        window_idle_close="PT600S",
+        stages="ingest,meter,ledger",
     )
     plans = tier_plans(account_ids(ACCOUNTS))
     # The data ends 3 minutes ago, so the closing events (+370 s) stay within ingest's 5-minute

@@ -13,13 +13,17 @@ import asyncio
 import logging
 
 import faust
+from clickhouse_connect.driver.client import Client
 from mode import Service
 
+from agents.analytics import AnalyticsAgent
 from agents.ingest import IngestStage
 from agents.ledger import LedgerStage
 from agents.meter import MeterStage
 from pipeline.settings import Settings
 from pipeline.transactional import Stage, TransactionalLoop
+from sinks.clickhouse import ClickHouseSink, PathLockedError, connect, endpoint_file, migrate
+from sinks.clickhouse_http import ClickHouseHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 REPORT_INTERVAL_S = 10.0
 # Longest wait for a stage to finish its transaction in flight when the worker stops.
 STOP_TIMEOUT_S = 30.0
+# How often a worker without the embedded engine's path tries to take it.
+OWNER_RETRY_S = 5.0
 
 
 class StageService(Service):
@@ -71,6 +77,69 @@ def service_for(stage_loop: TransactionalLoop) -> type[StageService]:
     )
 
 
+class AnalyticsService(Service):
+    """The analytics agent (agents.analytics) for the lifetime of the worker.
+
+    With a ClickHouse server every worker runs it (the consumer group shares the partitions).
+    With the embedded engine only one process can open the path: the worker that takes it runs
+    the agent and serves the path read-only over ClickHouse's HTTP interface to every other
+    reader, its address in ``<path>.endpoint``; the others retry every ``OWNER_RETRY_S`` and
+    take over when the owner stops or dies (the engine's lock dies with its process).
+    """
+
+    settings: Settings
+
+    async def on_start(self) -> None:
+        self._agent: AnalyticsAgent | None = None
+        self._running = self.add_future(self._run())
+
+    async def _run(self) -> None:
+        settings = self.settings
+        try:
+            client = await self._take_clickhouse()
+            if client is None:
+                return
+            await asyncio.to_thread(migrate, client)
+            server, published = None, None
+            if settings.clickhouse_url.startswith("chdb:"):
+                server = ClickHouseHttpServer(
+                    client, settings.analytics_http_host, settings.analytics_http_port, read_only=True
+                )
+                published = endpoint_file(settings.clickhouse_url)
+                published.write_text(await server.start(), encoding="utf-8")
+                log.info("analytics: serving %s at %s", settings.clickhouse_url, published.read_text())
+            self._agent = AnalyticsAgent(settings, ClickHouseSink(client))
+            try:
+                await self._agent.run()
+            finally:
+                if server is not None and published is not None:
+                    published.unlink(missing_ok=True)
+                    await server.stop()
+                client.close()
+        except Exception as exc:
+            log.exception("analytics agent crashed; stopping the worker")
+            await self.crash(exc)
+
+    async def _take_clickhouse(self) -> Client | None:
+        waited = False
+        while not self.should_stop:
+            try:
+                return await asyncio.to_thread(connect, self.settings.clickhouse_url)
+            except PathLockedError as exc:
+                if not waited:
+                    log.info("analytics: %s; this worker waits to take over", exc)
+                    waited = True
+            except Exception as exc:  # a server not up yet: the agent waits for it
+                log.warning("analytics: cannot reach ClickHouse (%s); retrying", str(exc)[:200])
+            await asyncio.sleep(OWNER_RETRY_S)
+        return None
+
+    async def on_stop(self) -> None:
+        if self._agent is not None:
+            self._agent.stop()
+        await asyncio.wait({self._running}, timeout=STOP_TIMEOUT_S)
+
+
 def stages(settings: Settings) -> list[Stage]:
     return [IngestStage(settings), MeterStage(settings), LedgerStage(settings)]
 
@@ -93,5 +162,8 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=settings.session_timeout_ms / 3000,
     )
     for stage in stages(settings):
-        app.service(service_for(TransactionalLoop(settings, stage)))
+        if stage.name in settings.stage_names:
+            app.service(service_for(TransactionalLoop(settings, stage)))
+    if "analytics" in settings.stage_names:
+        app.service(type("AnalyticsWorkerService", (AnalyticsService,), {"settings": settings}))
     return app

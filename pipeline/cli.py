@@ -27,6 +27,8 @@ db_app = typer.Typer(help="Databases: schema migrations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
+clickhouse_app = typer.Typer(help="The analytics engine (ClickHouse).", no_args_is_help=True)
+app.add_typer(clickhouse_app, name="clickhouse")
 console = Console(stderr=True)
 
 
@@ -66,13 +68,61 @@ def topics_create() -> None:
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
-    """Apply the Postgres migrations (idempotent)."""
+    """Apply the Postgres migrations and the ClickHouse DDL (both idempotent)."""
     from pipeline.settings import mask_url
+    from sinks.clickhouse import PathLockedError, connect, migrate
     from sinks.postgres import upgrade
 
     settings = _settings()
     upgrade(settings)
     console.print(f"postgres schema up to date at {mask_url(settings.postgres_url)}")
+    try:
+        client = connect(settings.clickhouse_url)
+    except PathLockedError as exc:
+        # The running worker owns the path, and applies the same DDL when it takes it.
+        console.print(f"clickhouse: {exc}; its worker applies the DDL on start")
+        return
+    try:
+        applied = migrate(client)
+    finally:
+        client.close()
+    console.print(
+        f"clickhouse schema up to date at {mask_url(settings.clickhouse_url)} (applied: {applied or 'none'})"
+    )
+
+
+@clickhouse_app.command("serve")
+def clickhouse_serve(
+    port: Annotated[int, typer.Option(help="Loopback port (0: any free one, printed).")] = 8123,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    read_only: Annotated[bool, typer.Option(help="Refuse INSERT and DDL.")] = False,
+) -> None:
+    """Serve the embedded engine's path (TALLY_CLICKHOUSE_URL=chdb:///...) over ClickHouse's HTTP
+    interface, as a stand-alone server: point a worker's TALLY_CLICKHOUSE_URL, Grafana or any
+    ClickHouse client at it. Not while a worker owns the same path."""
+    from sinks.clickhouse import connect
+    from sinks.clickhouse_http import ClickHouseHttpServer
+
+    settings = _settings()
+    if not settings.clickhouse_url.startswith("chdb:"):
+        console.print("[red]TALLY_CLICKHOUSE_URL is a server already; serve needs a chdb:/// path[/red]")
+        raise typer.Exit(2)
+    client = connect(settings.clickhouse_url)
+
+    async def serve() -> None:
+        server = ClickHouseHttpServer(client, host, port, read_only=read_only)
+        typer.echo(f"serving {settings.clickhouse_url} at {await server.start()}", err=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
 
 
 @app.command()

@@ -33,6 +33,9 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+STAGES = ("ingest", "meter", "ledger", "analytics")
+
+
 class Settings(BaseSettings):
     """Tally's configuration. Field names map to ``TALLY_<NAME>`` environment variables."""
 
@@ -49,6 +52,9 @@ class Settings(BaseSettings):
     local_postgres_port: Annotated[int, Field(ge=1, le=65535)] = 35432
     local_redis_port: Annotated[int, Field(ge=1, le=65535)] = 36379
 
+    # The stages this worker runs (comma-separated): all of them by default; a deployment may run
+    # them in separate processes, e.g. the analytics agent apart from the money path.
+    stages: str = ",".join(STAGES)
     # Stable identity of this worker process: names its local state directory, so a restarted
     # worker reopens its own dedupe store instead of restoring it from the changelog.
     worker_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "worker-1"
@@ -166,6 +172,15 @@ class Settings(BaseSettings):
             raise ValueError(f"not a valid Kafka topic name: {value!r}")
         return value
 
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(STAGES))
+        if unknown or not names:
+            raise ValueError(f"expected a comma-separated subset of {', '.join(STAGES)}, got {value!r}")
+        return ",".join(names)
+
     @field_validator("accounts_file")
     @classmethod
     def _accounts_file(cls, value: Path | None) -> Path | None:
@@ -174,7 +189,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> Settings:
+    def _consistent(self) -> Settings:  # noqa: PLR0912  # one branch per rule, every problem listed
         problems = []
         if self.max_event_bytes > self.max_message_bytes:
             problems.append("max_event_bytes must not exceed max_message_bytes")
@@ -223,6 +238,10 @@ class Settings(BaseSettings):
         return ",".join(
             urlsplit(s if "://" in s else f"kafka://{s}").netloc for s in self.kafka_url.split(",")
         )
+
+    @property
+    def stage_names(self) -> frozenset[str]:
+        return frozenset(self.stages.split(","))
 
     @property
     def state_dir(self) -> Path:

@@ -68,6 +68,10 @@ def isolated_settings(
         "topic_rejected": f"{run}.usage.rejected",
         "topic_charges": f"{run}.charges",
         "accounts_file": accounts_file,
+        # An embedded engine path of its own (one process can open a path; tests run many).
+        "clickhouse_url": f"chdb://{data_dir / 'clickhouse' / run}"
+        if base.clickhouse_url.startswith("chdb:")
+        else base.clickhouse_url,
         "session_timeout_ms": 6_000,
         **overrides,
     }
@@ -102,7 +106,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         if value is not None:
             # Durations travel as ISO 8601 (PT300S), the form pydantic reads from a string.
-            text = f"PT{int(value.total_seconds())}S" if isinstance(value, timedelta) else str(value)
+            text = f"PT{value.total_seconds():f}S" if isinstance(value, timedelta) else str(value)
             env[f"TALLY_{name.upper()}"] = text
     env.update(extra)
     return env

@@ -84,18 +84,49 @@ def is_bad_data(exc: BaseException) -> bool:
     return isinstance(exc, ClickHouseError) and error_code(exc) in BAD_DATA_CODES
 
 
-def connect(url: str, **kwargs: Any) -> Client:
+def connect(url: str) -> Client:
     """A clickhouse-connect client for ``chdb:///path`` or ``http(s)://[user:password@]host:port[/db]``.
 
     Only one process can open a chdb path (a second gets ``Cannot lock file .../status``), and one
-    process only one path: locally the analytics agent owns it and serves every other reader.
+    process only one path: locally the analytics agent owns it and serves every other reader
+    (``reader``). Raises ``PathLockedError`` when another process holds the path.
     """
+    # The tables keep UTC; datetimes come back aware, whatever the host's zone.
     if url.startswith("chdb:"):
         path = url.removeprefix("chdb://")
         if path and path != "memory":
             Path(path).mkdir(parents=True, exist_ok=True)
-    # The engine and the tables work in UTC whatever the host's zone is; datetimes come back aware.
-    return clickhouse_connect.get_client(dsn=url, tz_mode="aware", **kwargs)
+        try:
+            return clickhouse_connect.get_client(dsn=url, tz_mode="aware")
+        except ClickHouseError as exc:
+            if "Cannot lock file" in str(exc):
+                raise PathLockedError(f"{path} is open in another process (a running worker?)") from exc
+            raise
+    # Loopback or a private network: compressing costs more CPU than it saves here.
+    return clickhouse_connect.get_client(dsn=url, tz_mode="aware", compress=False)
+
+
+class PathLockedError(RuntimeError):
+    """Another process has the chdb path open."""
+
+
+def endpoint_file(chdb_url: str) -> Path:
+    """Where the process that owns a chdb path publishes its HTTP interface: ``<path>.endpoint``."""
+    path = Path(chdb_url.removeprefix("chdb://"))
+    return path.with_name(path.name + ".endpoint")
+
+
+def reader(url: str) -> Client:
+    """A client for reading analytics: a server directly; a chdb path through the HTTP interface of
+    the worker that owns it (``sinks.clickhouse_http``), or directly when no process holds it."""
+    if url.startswith("chdb:"):
+        published = endpoint_file(url)
+        if published.is_file():
+            try:
+                return connect(published.read_text(encoding="utf-8").strip())
+            except Exception:  # a stale file (its worker was killed): try the path
+                log.debug("analytics endpoint in %s does not answer", published)
+    return connect(url)
 
 
 def ddl_files() -> list[Path]:
@@ -116,7 +147,8 @@ def migrate(client: Client) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (version UInt32, name String, "
         "applied_at DateTime('UTC') DEFAULT now()) ENGINE = MergeTree ORDER BY version"
     )
-    applied = {row[0] for row in client.query(f"SELECT version FROM {VERSIONS_TABLE}").result_rows}
+    versions = client.query(f"SELECT version FROM {VERSIONS_TABLE}")  # noqa: S608  # a constant
+    applied = {row[0] for row in versions.result_rows}
     done = []
     for path in ddl_files():
         version = int(path.name[:4])

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import re
 import uuid
-from pathlib import Path
 
 from aiohttp import web
 from clickhouse_connect.driver.client import Client
@@ -95,7 +94,9 @@ class ClickHouseHttpServer:
             sql = sql + b"\n" + body if sql else body
         if not sql.strip():
             return _error(400, 62, "Empty query")
-        bound = {name.removeprefix("param_"): value for name, value in params.items() if name.startswith("param_")}
+        bound = {
+            name.removeprefix("param_"): value for name, value in params.items() if name.startswith("param_")
+        }
         settings = {
             name: value
             for name, value in params.items()
@@ -133,9 +134,3 @@ def _error(status: int, code: int, message: str, query_id: str = "") -> web.Resp
     text = message if message.startswith("Code:") else f"Code: {code}. DB::Exception: {message}"
     headers = {"X-ClickHouse-Exception-Code": str(code), "X-ClickHouse-Query-Id": query_id}
     return web.Response(status=status, text=text + "\n", headers=headers)
-
-
-def endpoint_file(chdb_url: str) -> Path:
-    """Where the owner of a chdb path publishes its HTTP address: ``<path>.endpoint``."""
-    path = Path(chdb_url.removeprefix("chdb://"))
-    return path.with_name(path.name + ".endpoint")
