@@ -298,7 +298,10 @@ class AnalyticsAgent:
             # Stopping: write what is buffered (one attempt each; what fails is re-read later).
             frozen = self.batcher.freeze_due(time.monotonic(), everything=True)
             if frozen:
-                await self._flush(consumer, producer, frozen)
+                try:
+                    await self._flush(consumer, producer, frozen)
+                except Exception as exc:  # ClickHouse down at shutdown: re-read on start
+                    log.warning("analytics: final flush failed (%r); the batches are re-read on start", exc)
         finally:
             lag.cancel()
             await asyncio.gather(lag, return_exceptions=True)
@@ -396,17 +399,16 @@ class AnalyticsAgent:
                 log.warning("analytics: consumer lag sample failed: %r", exc)
 
     async def lag_rows(self) -> list[dict[str, object]]:
-        """One row per (group, topic): end offsets minus committed offsets, summed over partitions."""
+        """One row per (group, topic): end offsets minus committed offsets, summed over partitions.
+        Offsets count a transaction's commit marker too, so a caught-up partition reads 0 or 1."""
         assert self._admin is not None and self._consumer is not None
         now = datetime.now(UTC).replace(microsecond=0).isoformat()
         rows = []
         for group, topics in stage_groups(self.settings).items():
             committed = await self._admin.list_consumer_group_offsets(group)
-            partitions = [
-                TopicPartition(topic, p)
-                for topic in topics
-                for p in sorted(self._consumer.partitions_for_topic(topic) or ())
-            ]
+            # The partitions the group has committed on (a group that never committed has no lag
+            # to show yet).
+            partitions = sorted(tp for tp in committed if tp.topic in topics)
             if not partitions:
                 continue
             ends = await self._consumer.end_offsets(partitions)
@@ -415,8 +417,8 @@ class AnalyticsAgent:
                 lag = 0
                 for tp in partitions:
                     if tp.topic == topic:
-                        done = committed.get(tp)
-                        position = done.offset if done is not None and done.offset >= 0 else starts[tp]
+                        done = committed[tp]
+                        position = done.offset if done.offset >= 0 else starts[tp]
                         lag += max(0, ends[tp] - position)
                 rows.append({"time": now, "consumer_group": group, "topic": topic, "lag": lag})
         return rows

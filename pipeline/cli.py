@@ -334,6 +334,61 @@ def _decimal_text(base_units: int, decimals: int) -> str:
 
 
 @app.command()
+def reconcile(
+    since: Annotated[str | None, typer.Option(help="First UTC day (YYYY-MM-DD).")] = None,
+    until: Annotated[str | None, typer.Option(help="Last UTC day (YYYY-MM-DD), included.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """Compare ClickHouse's charges (raw table and daily rollup) with Postgres per account and day;
+    list every difference; exit 1 when there is one."""
+    from dataclasses import asdict
+    from datetime import date
+
+    from rich.table import Table
+    from sqlalchemy import create_engine
+
+    from pipeline.reconcile import reconcile as compare
+    from sinks.clickhouse import reader
+    from sinks.postgres import sqlalchemy_url
+
+    settings = _settings()
+    try:
+        first = date.fromisoformat(since) if since else None
+        last = date.fromisoformat(until) if until else None
+    except ValueError as exc:
+        console.print(f"[red]--since/--until: {exc}[/red]")
+        raise typer.Exit(2) from None
+    engine = create_engine(sqlalchemy_url(settings))
+    client = reader(settings.clickhouse_url)
+    try:
+        differences = compare(engine, client, first, last)
+    finally:
+        client.close()
+        engine.dispose()
+    if as_json:
+        for d in differences:
+            typer.echo(json.dumps(asdict(d), default=str))  # the day as YYYY-MM-DD
+    elif differences:
+        table = Table(title=f"{len(differences)} differences (base units)")
+        for column in ("source", "account", "day", "postgres", "clickhouse", "pg charges", "ch charges"):
+            table.add_column(column)
+        for d in differences:
+            table.add_row(
+                d.source,
+                d.account,
+                d.day.isoformat(),
+                str(d.postgres_base_units),
+                str(d.clickhouse_base_units),
+                str(d.postgres_charges),
+                str(d.clickhouse_charges),
+            )
+        Console().print(table)
+    else:
+        console.print("ClickHouse (charges, charges_1d) and Postgres agree on every account and day")
+    raise typer.Exit(1 if differences else 0)
+
+
+@app.command()
 def demo(
     events: Annotated[int, typer.Option(help="Events to publish.")] = 100_000,
     accounts: Annotated[int, typer.Option(help="Distinct accounts.")] = 200,
@@ -352,3 +407,7 @@ def main() -> None:
     # Client chatter (group joins, metadata) is for worker logs, not for a command's output.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     app()
+
+
+if __name__ == "__main__":  # `python -m pipeline.cli`, as test harnesses start a command
+    main()

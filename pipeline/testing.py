@@ -230,3 +230,53 @@ async def publish_with_faults(
             if after_each is not None:
                 after_each()
     await publisher
+
+
+class ClickHouseServer:
+    """``tally clickhouse serve``: a chdb path behind ClickHouse's HTTP interface, in a process of
+    its own, so a test can take ClickHouse away from a worker (stop it) and give it back."""
+
+    def __init__(self, path: Path, log_path: Path) -> None:
+        self.path = path
+        self.log_path = log_path
+        with socket.socket() as probe:  # a free loopback port, kept across restarts
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> ClickHouseServer:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+        env["TALLY_CLICKHOUSE_URL"] = f"chdb://{self.path}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(  # noqa: S603  # our own entry point, no shell
+                [sys.executable, "-m", "pipeline.cli", "clickhouse", "serve", "--port", str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")[-2000:]
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"clickhouse serve did not listen on {self.port} in {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: an outage as abrupt as a crashed server's (inserts in flight are lost)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()

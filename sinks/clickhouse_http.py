@@ -50,8 +50,14 @@ TRANSPORT_PARAMS = frozenset(
         "enable_http_compression",
         "send_progress_in_http_headers",
         "http_headers_progress_interval_ms",
+        # Never passed on: chdb applies a query's settings to its one session and restores them
+        # after, but cannot restore anything once ``readonly`` is set (the inserts would fail).
+        "readonly",
     }
 )
+READ_STATEMENTS = frozenset({b"SELECT", b"WITH", b"SHOW", b"DESCRIBE", b"DESC", b"EXISTS", b"EXPLAIN"})
+# The first keyword, after any leading whitespace, comments and opening parentheses.
+_KEYWORD = re.compile(rb"(?:\s|--[^\n]*\n|/\*.*?\*/|\()*([A-Za-z]+)", re.DOTALL)
 _FORMAT = re.compile(rb"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 # ClickHouse's own mapping of some error codes to HTTP statuses (the rest are 500).
 _STATUS = {60: 404, 81: 404, 62: 400, 46: 400, 47: 400, 164: 403, 497: 403}
@@ -102,8 +108,10 @@ class ClickHouseHttpServer:
             for name, value in params.items()
             if name not in TRANSPORT_PARAMS and not name.startswith("param_")
         }
-        if self.read_only:
-            settings["readonly"] = "2"  # reads and setting changes only: no INSERT, no DDL
+        if self.read_only and not _reads_only(sql):
+            return _error(
+                403, 164, "Cannot execute query in readonly mode: this endpoint serves reads only (READONLY)"
+            )
         # A query's own FORMAT clause wins; an INSERT's names its input (its data follows it).
         is_insert = sql.lstrip()[:6].upper() == b"INSERT"
         match = None if is_insert else _FORMAT.search(sql[-200:])
@@ -128,6 +136,14 @@ class ClickHouseHttpServer:
             "Content-Type": "application/octet-stream",
         }
         return web.Response(body=result, headers=headers)
+
+
+def _reads_only(sql: bytes) -> bool:
+    """A statement that reads: its first keyword is one of ``READ_STATEMENTS`` and it writes no
+    file. (The engine's own ``readonly`` setting cannot be used: the owner's session is shared
+    with its inserts, and a query-level ``readonly`` outlives the query in chdb's session.)"""
+    first = _KEYWORD.match(sql)
+    return first is not None and first.group(1).upper() in READ_STATEMENTS and b"OUTFILE" not in sql.upper()
 
 
 def _error(status: int, code: int, message: str, query_id: str = "") -> web.Response:

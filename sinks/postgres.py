@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -239,6 +240,21 @@ def account_totals(engine: Engine) -> dict[str, int]:
     statement = text("SELECT account_id, sum(amount_base_units)::bigint FROM charges GROUP BY 1")
     with engine.connect() as connection:
         return {account: int(total) for account, total in connection.execute(statement) if total}
+
+
+def daily_charge_totals(
+    engine: Engine, since: date | None = None, until: date | None = None
+) -> dict[tuple[str, date], tuple[int, int]]:
+    """(account, UTC day of the window start) -> (base units, charges): what reconcile compares."""
+    statement = text(
+        "SELECT account_id, (window_start AT TIME ZONE 'UTC')::date AS day, "
+        "sum(amount_base_units)::bigint, count(*) FROM charges "
+        "WHERE (CAST(:since AS date) IS NULL OR window_start >= CAST(:since AS date)) "
+        "AND (CAST(:until AS date) IS NULL OR window_start < CAST(:until AS date) + 1) GROUP BY 1, 2"
+    )
+    with engine.connect() as connection:
+        rows = connection.execute(statement, {"since": since, "until": until})
+        return {(account, day): (int(total), int(count)) for account, day, total, count in rows}
 
 
 def ledger_check(engine: Engine) -> tuple[int, int, int]:
