@@ -94,13 +94,21 @@ class AnalyticsService(Service):
         self._running = self.add_future(self._run())
 
     async def _run(self) -> None:
+        # Analytics never stops the money path: a failure restarts the agent, not the worker.
+        while not self.should_stop:
+            try:
+                await self._serve()
+            except Exception:
+                log.exception("analytics agent failed; restarting it in %.0f s", OWNER_RETRY_S)
+                await asyncio.sleep(OWNER_RETRY_S)
+
+    async def _serve(self) -> None:
         settings = self.settings
+        client = await self._take_clickhouse()
+        if client is None:
+            return
+        server, published = None, None
         try:
-            client = await self._take_clickhouse()
-            if client is None:
-                return
-            await asyncio.to_thread(migrate, client)
-            server, published = None, None
             if settings.clickhouse_url.startswith("chdb:"):
                 server = ClickHouseHttpServer(
                     client, settings.analytics_http_host, settings.analytics_http_port, read_only=True
@@ -109,28 +117,30 @@ class AnalyticsService(Service):
                 published.write_text(await server.start(), encoding="utf-8")
                 log.info("analytics: serving %s at %s", settings.clickhouse_url, published.read_text())
             self._agent = AnalyticsAgent(settings, ClickHouseSink(client))
-            try:
-                await self._agent.run()
-            finally:
-                if server is not None and published is not None:
-                    published.unlink(missing_ok=True)
-                    await server.stop()
-                client.close()
-        except Exception as exc:
-            log.exception("analytics agent crashed; stopping the worker")
-            await self.crash(exc)
+            await self._agent.run()
+        finally:
+            if server is not None and published is not None:
+                published.unlink(missing_ok=True)
+                await server.stop()
+            client.close()
 
     async def _take_clickhouse(self) -> Client | None:
+        """A client with the DDL applied, once ClickHouse answers (or the path is free)."""
         waited = False
         while not self.should_stop:
+            client = None
             try:
-                return await asyncio.to_thread(connect, self.settings.clickhouse_url)
+                client = await asyncio.to_thread(connect, self.settings.clickhouse_url)
+                await asyncio.to_thread(migrate, client)
+                return client
             except PathLockedError as exc:
                 if not waited:
                     log.info("analytics: %s; this worker waits to take over", exc)
                     waited = True
-            except Exception as exc:  # a server not up yet: the agent waits for it
+            except Exception as exc:  # a server not up (yet): the agent waits for it
                 log.warning("analytics: cannot reach ClickHouse (%s); retrying", str(exc)[:200])
+                if client is not None:
+                    client.close()
             await asyncio.sleep(OWNER_RETRY_S)
         return None
 
