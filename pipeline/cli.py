@@ -7,6 +7,8 @@ import gc
 import json
 import logging
 import sys
+from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,8 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 clickhouse_app = typer.Typer(help="The analytics engine (ClickHouse).", no_args_is_help=True)
 app.add_typer(clickhouse_app, name="clickhouse")
+stats_app = typer.Typer(help="Billing statistics and usage aggregations (ClickHouse rollups).")
+app.add_typer(stats_app, name="stats")
 console = Console(stderr=True)
 
 
@@ -333,6 +337,128 @@ def _decimal_text(base_units: int, decimals: int) -> str:
     return str(Decimal(base_units).scaleb(-decimals))
 
 
+def _period(since: str | None, until: str | None) -> tuple[date, date]:
+    """``--since``/``--until`` as UTC days; by default the last 30 days up to today."""
+    from datetime import UTC, datetime, timedelta
+
+    try:
+        last = date.fromisoformat(until) if until else datetime.now(UTC).date()
+        first = date.fromisoformat(since) if since else last - timedelta(days=29)
+    except ValueError as exc:
+        console.print(f"[red]--since/--until: {exc}[/red]")
+        raise typer.Exit(2) from None
+    if first > last:
+        console.print("[red]--since is after --until[/red]")
+        raise typer.Exit(2)
+    return first, last
+
+
+SinceOption = Annotated[str | None, typer.Option(help="First UTC day, YYYY-MM-DD (default: 29 days back).")]
+UntilOption = Annotated[str | None, typer.Option(help="Last UTC day, YYYY-MM-DD, included (default: today).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
+
+
+@stats_app.callback(invoke_without_command=True)
+def stats(
+    ctx: typer.Context, since: SinceOption = None, until: UntilOption = None, as_json: JsonOption = False
+) -> None:
+    """Billing statistics for a period (seed 003): records by status, revenue by service and
+    billing method, active accounts and providers."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from pipeline.stats import billing_stats
+    from sinks.clickhouse import reader
+
+    first, last = _period(since, until)
+    client = reader(_settings().clickhouse_url)
+    try:
+        result = billing_stats(client, first, last)
+    finally:
+        client.close()
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+        return
+    out = Console()
+    out.print(f"billing statistics {first} .. {last} (UTC)")
+    table = Table(title="records by status")
+    table.add_column("status")
+    table.add_column("records", justify="right")
+    for status, count in result.records_by_status.items():
+        table.add_row(status, f"{count:,}")
+    for reason, count in result.failed_by_reason.items():
+        table.add_row(f"  failed: {reason}", f"{count:,}")
+    table.add_row("total", f"{result.total_records:,}")
+    out.print(table)
+    table = Table(title="revenue")
+    for column in ("service", "billing method", "charges", "amount"):
+        table.add_column(column, justify="right" if column in {"charges", "amount"} else "left")
+    for service, methods in result.charges_by_service_and_method.items():
+        for method, count in methods.items():
+            table.add_row(service, method, f"{count:,}", "")
+        table.add_row(service, "all", "", f"{result.revenue_by_service[service].amount:,}")
+    for method, money in result.revenue_by_method.items():
+        table.add_row("all", method, "", f"{money.amount:,}")
+    table.add_row("total", "", "", f"{result.total_revenue.amount:,}")
+    out.print(table)
+    out.print(f"active accounts: {result.active_accounts:,}; active providers: {result.active_providers:,}")
+
+
+@stats_app.command("usage")
+def stats_usage(
+    since: SinceOption = None,
+    until: UntilOption = None,
+    account: Annotated[str | None, typer.Option(help="One account only.")] = None,
+    service: Annotated[str | None, typer.Option(help="One service type only.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Usage aggregations by account and service type (seed 003), with what each was charged."""
+    from rich.table import Table
+
+    from pipeline.stats import usage_aggregations
+    from sinks.clickhouse import reader
+
+    first, last = _period(since, until)
+    client = reader(_settings().clickhouse_url)
+    try:
+        rows = usage_aggregations(client, first, last, account=account, service=service)
+    finally:
+        client.close()
+    if as_json:
+        for r in rows:
+            record = {**asdict(r), "charged": r.charged.as_json()}
+            typer.echo(json.dumps(record, default=str))  # Decimals as exact text
+        return
+    table = Table(title=f"usage by account and service, {first} .. {last} (UTC)")
+    columns = (
+        "account",
+        "service",
+        "events",
+        "requests",
+        "tokens",
+        "GPU h",
+        "GB-months",
+        "charges",
+        "charged",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in {"account", "service"} else "right")
+    for r in rows:
+        table.add_row(
+            r.account,
+            r.service,
+            f"{r.events:,}",
+            f"{r.requests:,}",
+            f"{r.tokens:,}",
+            f"{r.gpu_hours:,.2f}",
+            f"{r.gb_months:,.3f}",
+            f"{r.charges:,}",
+            f"{r.charged.amount:,}",
+        )
+    Console().print(table)
+
+
 @app.command()
 def reconcile(
     since: Annotated[str | None, typer.Option(help="First UTC day (YYYY-MM-DD).")] = None,
@@ -341,9 +467,6 @@ def reconcile(
 ) -> None:
     """Compare ClickHouse's charges (raw table and daily rollup) with Postgres per account and day;
     list every difference; exit 1 when there is one."""
-    from dataclasses import asdict
-    from datetime import date
-
     from rich.table import Table
     from sqlalchemy import create_engine
 

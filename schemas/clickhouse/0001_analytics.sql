@@ -221,6 +221,7 @@ CREATE TABLE IF NOT EXISTS charges_1m
     product_id LowCardinality(String),
     tier LowCardinality(String),
     charges SimpleAggregateFunction(sum, UInt64),
+    adjustments SimpleAggregateFunction(sum, UInt64),  -- charges of a revision > 0 (late usage)
     quantity SimpleAggregateFunction(sum, Decimal(38, 12)),
     amount_base_units SimpleAggregateFunction(sum, UInt64),
     platform_fee_base_units SimpleAggregateFunction(sum, UInt64)
@@ -249,6 +250,7 @@ SELECT
     ifNull(provider_id, '') AS provider_id,
     product_id, tier,
     count() AS charges,
+    countIf(revision > 0) AS adjustments,
     sum(quantity) AS quantity,
     sum(amount_base_units) AS amount_base_units,
     sum(platform_fee_base_units) AS platform_fee_base_units
@@ -260,6 +262,7 @@ SELECT
     toStartOfHour(bucket) AS bucket,
     account, meter, service, billing_method, gpu_model, provider_id, product_id, tier,
     sum(charges) AS charges,
+    sum(adjustments) AS adjustments,
     sum(quantity) AS quantity,
     sum(amount_base_units) AS amount_base_units,
     sum(platform_fee_base_units) AS platform_fee_base_units
@@ -271,6 +274,7 @@ SELECT
     toStartOfDay(bucket) AS bucket,
     account, meter, service, billing_method, gpu_model, provider_id, product_id, tier,
     sum(charges) AS charges,
+    sum(adjustments) AS adjustments,
     sum(quantity) AS quantity,
     sum(amount_base_units) AS amount_base_units,
     sum(platform_fee_base_units) AS platform_fee_base_units
