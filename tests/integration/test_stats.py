@@ -101,6 +101,11 @@ def test_tally_stats_prints_json_and_tables(loaded: tuple[Client, str]) -> None:
     lines = [json.loads(line) for line in usage.stdout.splitlines()]
     assert {line["service"] for line in lines} == {"api_gateway", "storage"}
     bad = subprocess.run(
-        [*command[:4], "--since", "yesterday"], env=env, capture_output=True, text=True, timeout=120
+        [*command[:4], "--since", "yesterday"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert bad.returncode == 2 and "--since" in bad.stderr
