@@ -39,10 +39,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from sqlalchemy import Engine, create_engine
 
 from pipeline.settings import Settings
 from schemas.rejections import MAX_DEAD_LETTER_BYTES, Reason, Rejection, Stage
 from sinks.clickhouse import BadRowsError, ClickHouseSink
+from sinks.postgres import customer_balances, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ PENDING = "pending:"
 # normalized events start with specversion; charges with charge_id). A row count only sizes
 # batches, so a rare miscount changes when a batch is cut, never what it holds.
 ROW_MARKERS = {"usage_events": b'"specversion"', "charges": b'"charge_id"'}
-_rejection_row = msgspec.json.Encoder()
+_json = msgspec.json.Encoder()
 
 
 def stage_groups(settings: Settings) -> dict[str, list[str]]:
@@ -91,7 +93,7 @@ def rejection_row(record: ConsumerRecord[bytes, bytes]) -> bytes:
         "detail": headers.get("tally.detail", ""),
         "size_bytes": len(record.value or b""),
     }
-    return _rejection_row.encode([row])
+    return _json.encode([row])
 
 
 @dataclass(slots=True)
@@ -282,7 +284,7 @@ class AnalyticsAgent:
         await producer.start()
         await consumer.start()
         consumer.subscribe(analytics_topics(settings), listener=_Listener(self))
-        lag = asyncio.create_task(self._sample_lag())
+        sampler = asyncio.create_task(self._sample())
         try:
             while not self._stopping.is_set():
                 polled = await consumer.getmany(
@@ -303,8 +305,8 @@ class AnalyticsAgent:
                 except Exception as exc:  # ClickHouse down at shutdown: re-read on start
                     log.warning("analytics: final flush failed (%r); the batches are re-read on start", exc)
         finally:
-            lag.cancel()
-            await asyncio.gather(lag, return_exceptions=True)
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
             await consumer.stop()
             await producer.stop()
             await admin.close()
@@ -385,18 +387,38 @@ class AnalyticsAgent:
 
     # Consumer lag ------------------------------------------------------------------------------
 
-    async def _sample_lag(self) -> None:
-        interval = self.settings.analytics_lag_interval.total_seconds()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                rows = await self.lag_rows()
-                if rows:
-                    await asyncio.to_thread(
-                        self.sink.insert, "consumer_lag", [_rejection_row.encode(rows)], f"lag:{time.time()}"
-                    )
-            except Exception as exc:  # lag is a dashboard figure: never stop the agent for it
-                log.warning("analytics: consumer lag sample failed: %r", exc)
+    async def _sample(self) -> None:
+        """Consumer lag and account balances into ClickHouse, every ``analytics_sample_interval``."""
+        interval = self.settings.analytics_sample_interval.total_seconds()
+        engine = create_engine(sqlalchemy_url(self.settings), pool_size=1, max_overflow=0)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    lag = await self.lag_rows()
+                    balances = await asyncio.to_thread(self.balance_rows, engine)
+                    for table, rows in (("consumer_lag", lag), ("account_balances", balances)):
+                        if rows:
+                            await asyncio.to_thread(
+                                self.sink.insert, table, [_json.encode(rows)], f"{table}:{time.time()}"
+                            )
+                except Exception as exc:  # dashboard figures: never stop the agent for them
+                    log.warning("analytics: sampling lag and balances failed: %r", exc)
+        finally:
+            engine.dispose()
+
+    @staticmethod
+    def balance_rows(engine: Engine) -> list[dict[str, object]]:
+        now = datetime.now(UTC).replace(microsecond=0).isoformat()
+        return [
+            {
+                "time": now,
+                "account": account,
+                "balance_base_units": balance,
+                "low_balance_threshold": threshold,
+            }
+            for account, balance, threshold in customer_balances(engine)
+        ]
 
     async def lag_rows(self) -> list[dict[str, object]]:
         """One row per (group, topic): end offsets minus committed offsets, summed over partitions.

@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     # First wait before retrying a failed insert (doubling up to analytics_retry_max).
     analytics_retry_min: timedelta = timedelta(milliseconds=500)
     analytics_retry_max: timedelta = timedelta(seconds=10)
-    # How often consumer lag is sampled into ClickHouse (the pipeline-health dashboard).
-    analytics_lag_interval: timedelta = timedelta(seconds=15)
+    # How often consumer lag and account balances are sampled into ClickHouse (the dashboards'
+    # pipeline-health and low-balance panels).
+    analytics_sample_interval: timedelta = timedelta(seconds=15)
     # With the embedded engine (chdb), the worker that owns the path serves every other reader
     # ClickHouse's HTTP interface on this loopback port (0: any free port, published in
     # <clickhouse path>.endpoint). Read-only.
@@ -211,8 +212,8 @@ class Settings(BaseSettings):
             problems.append("analytics_batch_interval must be at least 10 ms")
         if not timedelta(milliseconds=10) <= self.analytics_retry_min <= self.analytics_retry_max:
             problems.append("analytics_retry_min must be at least 10 ms and at most analytics_retry_max")
-        if self.analytics_lag_interval < timedelta(seconds=1):
-            problems.append("analytics_lag_interval must be at least 1 second")
+        if self.analytics_sample_interval < timedelta(seconds=1):
+            problems.append("analytics_sample_interval must be at least 1 second")
         if not (self.price_books_dir / f"{self.default_price_book}.yaml").is_file():
             problems.append(
                 f"default_price_book: no file {self.default_price_book}.yaml in {self.price_books_dir}"

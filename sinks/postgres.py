@@ -257,6 +257,22 @@ def daily_charge_totals(
         return {(account, day): (int(total), int(count)) for account, day, total, count in rows}
 
 
+def customer_balances(engine: Engine) -> list[tuple[str, int, int]]:
+    """(account, prepaid balance, low-balance threshold) of every account with a balance or a row
+    in ``accounts``, in base units."""
+    statement = text(
+        "SELECT coalesce(a.account_id, substr(b.ledger_account, 10)), coalesce(b.balance_base_units, 0), "
+        "coalesce(a.low_balance_threshold, 0) FROM accounts a "
+        "FULL JOIN (SELECT * FROM balances WHERE ledger_account LIKE 'customer:%') b "
+        "ON b.ledger_account = 'customer:' || a.account_id"
+    )
+    with engine.connect() as connection:
+        return [
+            (account, int(balance), int(threshold))
+            for account, balance, threshold in connection.execute(statement)
+        ]
+
+
 def ledger_check(engine: Engine) -> tuple[int, int, int]:
     """(sum of debits, sum of credits, sum of every balance): double entry means d == c, sum 0."""
     statement = text(

@@ -348,3 +348,18 @@ PARTITION BY toYYYYMM(time)
 -- Serves the lag panel: the last hours of every group, in time order.
 ORDER BY (time, consumer_group, topic)
 TTL time + INTERVAL 30 DAY;
+
+-- Prepaid balances and low-balance thresholds, sampled from Postgres (the book of record) by the
+-- analytics agent with the consumer lag: the "accounts near or below their threshold" panel.
+CREATE TABLE IF NOT EXISTS account_balances
+(
+    time DateTime('UTC'),
+    account String,
+    balance_base_units Int64,
+    low_balance_threshold UInt64
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(time)
+-- Serves the panel's "latest sample per account": the last minutes of samples, by time.
+ORDER BY (time, account)
+TTL time + INTERVAL 30 DAY;

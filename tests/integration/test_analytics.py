@@ -154,7 +154,7 @@ def test_worker_writes_usage_charges_and_dead_letters_once_and_serves_readers(tm
         window_idle_close="PT2S",
         window_grace="PT10S",
         analytics_batch_interval="PT0.5S",
-        analytics_lag_interval="PT2S",
+        analytics_sample_interval="PT2S",
     )
     engine = create_engine(sqlalchemy_url(settings))
     store_plans(engine, tier_plans([f"acct-{i:05d}" for i in range(50)]))
@@ -205,6 +205,15 @@ def test_worker_writes_usage_charges_and_dead_letters_once_and_serves_readers(tm
             30,
             "a consumer lag sample of the four stages",
         )
+        charged = account_totals(engine)
+
+        def balances_sampled() -> bool:
+            rows = client.query(
+                "SELECT account, argMax(balance_base_units, time) FROM account_balances GROUP BY account"
+            ).result_rows
+            return {account: -balance for account, balance in rows if balance} == charged
+
+        wait_for(balances_sampled, 30, "a balance sample equal to minus each account's charges")
         client.close()
     finally:
         worker.stop()
