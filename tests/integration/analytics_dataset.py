@@ -7,7 +7,8 @@ Two accounts on 2026-11-02 (UTC), written through the sink as the agent writes t
   requests to /v1/embed (api_gateway) at 11:10;
 - charges: acct-a gpu 1,000,000 (fee 50,000) and its adjustment 200,000 (revision 1), product
   300; acct-b the startup tier's fee 50,000,000, its overage 0 (inside the quota), storage 10,000;
-- dead letters: 2 too_late and 1 malformed_json at 10:15.
+- dead letters: 2 too_late and 1 malformed_json at 10:15;
+- consumer lag samples at 10:20 and balance samples at 10:00 and 11:00.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _event(n: int, kind: str, time: str, subject: str, data: dict[str, object]) 
         "time": time,
         "subject": subject,
         "data": data,
+        # When the agent wrote it (the accepted-per-minute panel): here 5 minutes after its time.
+        "inserted_at": at(int(time[11:13]), int(time[14:16]) + 5),
     }
 
 
@@ -152,8 +155,43 @@ REJECTIONS = [
     },
 ]
 
+LAG = [
+    {"time": at(10, 20), "consumer_group": "tally-meter", "topic": "usage.valid", "lag": 40},
+    {"time": at(10, 20, 15), "consumer_group": "tally-meter", "topic": "usage.valid", "lag": 10},
+    {"time": at(10, 20), "consumer_group": "tally-ledger", "topic": "charges", "lag": 3},
+]
+# acct-a is below its threshold, acct-b within 25% above it, acct-c well above (not shown).
+BALANCES = [
+    {
+        "time": at(10, 0),
+        "account": "acct-a",
+        "balance_base_units": 9_000_000,
+        "low_balance_threshold": 5_000_000,
+    },
+    {
+        "time": at(11, 0),
+        "account": "acct-a",
+        "balance_base_units": 4_000_000,
+        "low_balance_threshold": 5_000_000,
+    },
+    {
+        "time": at(11, 0),
+        "account": "acct-b",
+        "balance_base_units": 6_000_000,
+        "low_balance_threshold": 5_000_000,
+    },
+    {
+        "time": at(11, 0),
+        "account": "acct-c",
+        "balance_base_units": 90_000_000,
+        "low_balance_threshold": 5_000_000,
+    },
+]
+
 
 def load(sink: ClickHouseSink) -> None:
     sink.insert("usage_events", [_json.encode(USAGE)], "dataset:usage")
     sink.insert("charges", [_json.encode(CHARGES)], "dataset:charges")
     sink.insert("rejections", [_json.encode(REJECTIONS)], "dataset:rejections")
+    sink.insert("consumer_lag", [_json.encode(LAG)], "dataset:lag")
+    sink.insert("account_balances", [_json.encode(BALANCES)], "dataset:balances")
