@@ -465,7 +465,7 @@ def reconcile(
     until: Annotated[str | None, typer.Option(help="Last UTC day (YYYY-MM-DD), included.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
-    """Compare ClickHouse's charges (raw table and daily rollup) with Postgres per account and day;
+    """Compare ClickHouse's charges (raw table, daily per-account rollup) with Postgres per account and day;
     list every difference; exit 1 when there is one."""
     from rich.table import Table
     from sqlalchemy import create_engine
@@ -507,7 +507,7 @@ def reconcile(
             )
         Console().print(table)
     else:
-        console.print("ClickHouse (charges, charges_1d) and Postgres agree on every account and day")
+        console.print("ClickHouse (charges, charges_accounts_1d) and Postgres agree on every account and day")
     raise typer.Exit(1 if differences else 0)
 
 

@@ -6,7 +6,7 @@ grafana-clickhouse-datasource macros the panels use, as the plugin expands them 
 - ``$__fromTime`` / ``$__toTime``: ``toDateTime(<from>)`` / ``toDateTime(<to>)``;
 - ``$__timeInterval(c)``: ``toStartOfInterval(toDateTime(c), INTERVAL <interval> second)``;
 - ``$__interval_s``: the panel's interval in seconds.
-Panels read the rollups at the grain their range needs (minutes up to 6 hours, hours up to 14
+Panels read the rollups at the grain their range needs (minutes up to 6 hours, hours up to 3
 days, days beyond): each grain is a branch of a UNION ALL whose range condition is constant, so
 the engine reads one table only.
 """

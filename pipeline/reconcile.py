@@ -5,7 +5,8 @@ charges for analytics, written by another consumer of the same topic. Both must 
 same money: a difference means a lost or doubled insert on one side. Two ClickHouse sources are
 compared, so a rollup that drifted from its raw table shows too:
 - ``charges``: the raw table, one row per charge;
-- ``charges_1d``: the daily rollup every revenue panel reads (through its materialized views).
+- ``charges_accounts_1d``: the daily rollup per account (through two materialized views), which
+  the top-accounts panel and the per-account stats read.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from sinks.postgres import daily_charge_totals
 CLICKHOUSE_SOURCES = {
     "charges": "SELECT account, toDate(window_start) AS day, sum(amount_base_units), count() FROM charges "
     "WHERE toDate(window_start) BETWEEN {since:Date} AND {until:Date} GROUP BY account, day",
-    "charges_1d": "SELECT account, toDate(bucket) AS day, sum(amount_base_units), sum(charges) "
-    "FROM charges_1d WHERE toDate(bucket) BETWEEN {since:Date} AND {until:Date} GROUP BY account, day",
+    "charges_accounts_1d": "SELECT account, toDate(bucket) AS day, sum(amount_base_units), sum(charges) "
+    "FROM charges_accounts_1d WHERE toDate(bucket) BETWEEN {since:Date} AND {until:Date} "
+    "GROUP BY account, day",
 }
 # No bound given: every day a Date holds.
 FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(2149, 6, 6)

@@ -97,7 +97,8 @@ REVENUE_SQL = (
     f"WHERE {IN_PERIOD} GROUP BY service, billing_method ORDER BY service, billing_method"
 )
 ACTIVE_SQL = (
-    f"SELECT uniqExact(account), uniqExactIf(provider_id, provider_id != '') FROM usage_1d WHERE {IN_PERIOD}"
+    f"SELECT (SELECT uniqExact(account) FROM usage_accounts_1d WHERE {IN_PERIOD}), "
+    f"(SELECT uniqExactIf(provider_id, provider_id != '') FROM usage_1d WHERE {IN_PERIOD})"
 )
 ONE_ACCOUNT_AND_SERVICE = (
     f"{IN_PERIOD} AND ({{account:String}} = '' OR account = {{account:String}}) "
@@ -105,10 +106,10 @@ ONE_ACCOUNT_AND_SERVICE = (
 )
 USAGE_SQL = (
     "SELECT account, service, sum(events), sum(requests), sum(tokens), sum(gpu_seconds), sum(gb_seconds) "
-    f"FROM usage_1d WHERE {ONE_ACCOUNT_AND_SERVICE} GROUP BY account, service"
+    f"FROM usage_accounts_1d WHERE {ONE_ACCOUNT_AND_SERVICE} GROUP BY account, service"
 )
 CHARGED_SQL = (
-    "SELECT account, service, sum(charges), sum(amount_base_units) FROM charges_1d "
+    "SELECT account, service, sum(charges), sum(amount_base_units) FROM charges_accounts_1d "
     f"WHERE {ONE_ACCOUNT_AND_SERVICE} GROUP BY account, service"
 )
 

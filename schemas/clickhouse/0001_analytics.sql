@@ -111,20 +111,23 @@ PARTITION BY toYYYYMM(window_start)
 ORDER BY (account, window_start, meter, charge_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
--- Usage rollups: per minute, hour and day. The key is the bucket, then the account, then every
--- dimension a dashboard groups by; rows with equal keys merge into one (AggregatingMergeTree).
--- Dimensions belong to one event type each (a GPU row has no endpoint, an API row no GPU model),
--- so rows per bucket grow with the sum of each type's combinations, not their product: with the
--- load generator's mix, ~25 rows per account per bucket.
--- ORDER BY (bucket, account, ...) serves every dashboard panel: each reads a time range (the
--- panel's $__timeFilter) and groups by bucket and one or two dimensions; the bucket first makes
--- the range a contiguous slice of the table. Panels pick the coarsest rollup that still gives
--- their range enough points (minute up to 6 h, hour up to 14 days, day beyond), so a 30-day panel
--- reads 30 day-rows per account and dimension instead of 43,200 minute-rows.
+-- Rollups. Two families, because their keys differ by three orders of magnitude in cardinality:
+-- - by dimension (usage_1m/1h/1d, charges_1m/1h/1d): no account in the key. Every dashboard panel
+--   but "top accounts" groups by bucket and a dimension (service, GPU model, provider, endpoint,
+--   tier), so these rows are what panels read: with the load generator's mix ~300 rows per minute
+--   whatever the number of accounts, where a key with the account had ~1 row per event at 1,000
+--   accounts (bench/analytics: usage_1d held 827,558 rows for 1,000,000 events).
+-- - by account (usage_accounts_1d, charges_accounts_1h/1d): the account and the service only, for
+--   top accounts, reconcile and seed 003's per-account stats.
+-- Only the minute rollups and the per-account ones read raw rows; hour and day rollups cascade
+-- from the finer grain's output block (already summed). Every key puts the bucket first: each
+-- query reads a time range (a panel's $__timeFilter, a stats period), so the range is one
+-- contiguous slice of the table. Panels pick the coarsest grain that still gives their range
+-- enough points (minute up to 6 h, hour up to 3 days, day beyond): a 30-day panel reads 30 day
+-- rows per dimension instead of 43,200 minute rows.
 CREATE TABLE IF NOT EXISTS usage_1m
 (
     bucket DateTime('UTC'),
-    account String,
     type LowCardinality(String),
     service LowCardinality(String),
     gpu_model LowCardinality(String),
@@ -142,28 +145,24 @@ CREATE TABLE IF NOT EXISTS usage_1m
 ENGINE = AggregatingMergeTree
 -- Daily partitions: minute rows are kept for days, not months, and are dropped a day at a time.
 PARTITION BY toYYYYMMDD(bucket)
-ORDER BY (bucket, account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
+ORDER BY (bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS usage_1h AS usage_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(bucket)
-ORDER BY (bucket, account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
+ORDER BY (bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS usage_1d AS usage_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYear(bucket)
-ORDER BY (bucket, account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
+ORDER BY (bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
 SETTINGS non_replicated_deduplication_window = 10000;
 
--- Only the minute view reads the raw rows; the hour view reads the minute view's output block and
--- the day view the hour view's (already summed, ~10x fewer rows each). Three views over the raw
--- rows cut the sink from ~415,000 to ~200,000 rows/s here; cascaded, see bench/analytics.
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_1m_mv TO usage_1m AS
 SELECT
     toStartOfMinute(time) AS bucket,
-    subject AS account,
     type,
     service,
     data.gpu_model AS gpu_model,
@@ -178,12 +177,12 @@ SELECT
     sum(gpu_seconds) AS gpu_seconds,
     sum(gb_seconds) AS gb_seconds
 FROM usage_events
-GROUP BY bucket, account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
+GROUP BY bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_1h_mv TO usage_1h AS
 SELECT
     toStartOfHour(bucket) AS bucket,
-    account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind,
+    type, service, gpu_model, provider_id, product_id, endpoint, storage_kind,
     sum(events) AS events,
     sum(requests) AS requests,
     sum(error_requests) AS error_requests,
@@ -191,12 +190,12 @@ SELECT
     sum(gpu_seconds) AS gpu_seconds,
     sum(gb_seconds) AS gb_seconds
 FROM usage_1m
-GROUP BY bucket, account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
+GROUP BY bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS usage_1d_mv TO usage_1d AS
 SELECT
     toStartOfDay(bucket) AS bucket,
-    account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind,
+    type, service, gpu_model, provider_id, product_id, endpoint, storage_kind,
     sum(events) AS events,
     sum(requests) AS requests,
     sum(error_requests) AS error_requests,
@@ -204,15 +203,48 @@ SELECT
     sum(gpu_seconds) AS gpu_seconds,
     sum(gb_seconds) AS gb_seconds
 FROM usage_1h
-GROUP BY bucket, account, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
+GROUP BY bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
 
--- Charge rollups, the same three grains, keyed the same way (bucket first: revenue panels read
--- a time range), by window start: the revenue a window earned lands in that window's bucket,
--- adjustments (later revisions) included.
-CREATE TABLE IF NOT EXISTS charges_1m
+-- Usage per account, service and event type per day: seed 003's usage aggregations and active
+-- accounts (`tally stats`).
+CREATE TABLE IF NOT EXISTS usage_accounts_1d
 (
     bucket DateTime('UTC'),
     account String,
+    service LowCardinality(String),
+    type LowCardinality(String),
+    events SimpleAggregateFunction(sum, UInt64),
+    requests SimpleAggregateFunction(sum, UInt64),
+    error_requests SimpleAggregateFunction(sum, UInt64),
+    tokens SimpleAggregateFunction(sum, UInt64),
+    gpu_seconds SimpleAggregateFunction(sum, UInt64),
+    gb_seconds SimpleAggregateFunction(sum, Decimal(38, 9))
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, account, service, type)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS usage_accounts_1d_mv TO usage_accounts_1d AS
+SELECT
+    toStartOfDay(time) AS bucket,
+    subject AS account,
+    service,
+    type,
+    count() AS events,
+    sum(data.request_count) AS requests,
+    sumIf(data.request_count, data.status >= 400) AS error_requests,
+    sum(data.tokens_in + data.tokens_out) AS tokens,
+    sum(gpu_seconds) AS gpu_seconds,
+    sum(gb_seconds) AS gb_seconds
+FROM usage_events
+GROUP BY bucket, account, service, type;
+
+-- Charge rollups, the same grains and families, by window start: the revenue a window earned
+-- lands in that window's bucket, adjustments (later revisions) included.
+CREATE TABLE IF NOT EXISTS charges_1m
+(
+    bucket DateTime('UTC'),
     meter LowCardinality(String),
     service LowCardinality(String),
     billing_method LowCardinality(String),
@@ -228,25 +260,25 @@ CREATE TABLE IF NOT EXISTS charges_1m
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMMDD(bucket)
-ORDER BY (bucket, account, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
+ORDER BY (bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS charges_1h AS charges_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(bucket)
-ORDER BY (bucket, account, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
+ORDER BY (bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS charges_1d AS charges_1m
 ENGINE = AggregatingMergeTree
 PARTITION BY toYear(bucket)
-ORDER BY (bucket, account, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
+ORDER BY (bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS charges_1m_mv TO charges_1m AS
 SELECT
     toStartOfMinute(window_start) AS bucket,
-    account, meter, service, billing_method, gpu_model,
+    meter, service, billing_method, gpu_model,
     ifNull(provider_id, '') AS provider_id,
     product_id, tier,
     count() AS charges,
@@ -255,31 +287,68 @@ SELECT
     sum(amount_base_units) AS amount_base_units,
     sum(platform_fee_base_units) AS platform_fee_base_units
 FROM charges
-GROUP BY bucket, account, meter, service, billing_method, gpu_model, provider_id, product_id, tier;
+GROUP BY bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS charges_1h_mv TO charges_1h AS
 SELECT
     toStartOfHour(bucket) AS bucket,
-    account, meter, service, billing_method, gpu_model, provider_id, product_id, tier,
+    meter, service, billing_method, gpu_model, provider_id, product_id, tier,
     sum(charges) AS charges,
     sum(adjustments) AS adjustments,
     sum(quantity) AS quantity,
     sum(amount_base_units) AS amount_base_units,
     sum(platform_fee_base_units) AS platform_fee_base_units
 FROM charges_1m
-GROUP BY bucket, account, meter, service, billing_method, gpu_model, provider_id, product_id, tier;
+GROUP BY bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS charges_1d_mv TO charges_1d AS
 SELECT
     toStartOfDay(bucket) AS bucket,
-    account, meter, service, billing_method, gpu_model, provider_id, product_id, tier,
+    meter, service, billing_method, gpu_model, provider_id, product_id, tier,
     sum(charges) AS charges,
     sum(adjustments) AS adjustments,
     sum(quantity) AS quantity,
     sum(amount_base_units) AS amount_base_units,
     sum(platform_fee_base_units) AS platform_fee_base_units
 FROM charges_1h
-GROUP BY bucket, account, meter, service, billing_method, gpu_model, provider_id, product_id, tier;
+GROUP BY bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier;
+
+-- Charges per account and service, hourly (the top-accounts panel up to 3 days) and daily (top
+-- accounts beyond, `tally reconcile` per account and day against Postgres, per-account stats).
+CREATE TABLE IF NOT EXISTS charges_accounts_1h
+(
+    bucket DateTime('UTC'),
+    account String,
+    service LowCardinality(String),
+    charges SimpleAggregateFunction(sum, UInt64),
+    amount_base_units SimpleAggregateFunction(sum, UInt64)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, account, service)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS charges_accounts_1d AS charges_accounts_1h
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(bucket)
+ORDER BY (bucket, account, service)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS charges_accounts_1h_mv TO charges_accounts_1h AS
+SELECT
+    toStartOfHour(window_start) AS bucket, account, service,
+    count() AS charges,
+    sum(amount_base_units) AS amount_base_units
+FROM charges
+GROUP BY bucket, account, service;
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS charges_accounts_1d_mv TO charges_accounts_1d AS
+SELECT
+    toStartOfDay(bucket) AS bucket, account, service,
+    sum(charges) AS charges,
+    sum(amount_base_units) AS amount_base_units
+FROM charges_accounts_1h
+GROUP BY bucket, account, service;
 
 -- Pipeline health -----------------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ from sinks.clickhouse import BadRowsError, ClickHouseSink, connect, endpoint_fil
 from sinks.clickhouse_http import ClickHouseHttpServer
 from sinks.postgres import account_totals, sqlalchemy_url
 
-ROLLUPS = ("usage_1m", "usage_1h", "usage_1d")
-CHARGE_ROLLUPS = ("charges_1m", "charges_1h", "charges_1d")
+ROLLUPS = ("usage_1m", "usage_1h", "usage_1d", "usage_accounts_1d")
+CHARGE_ROLLUPS = ("charges_1m", "charges_1h", "charges_1d", "charges_accounts_1h", "charges_accounts_1d")
 
 
 @pytest.fixture
