@@ -68,6 +68,12 @@ INSERT_SETTINGS: dict[str, Any] = {
     "input_format_json_ignore_unknown_keys_in_named_tuple": 1,
     # A retried block is dropped by the materialized views' targets too, not only the raw table.
     "deduplicate_blocks_in_dependent_materialized_views": 1,
+    # The views have summed each block already: merging its equal keys again at insert is work
+    # the background merges do anyway (+20% rows/s, bench/analytics).
+    "optimize_on_insert": 0,
+    # Push each block into the raw table's views concurrently (3 read the raw rows): +3-10% rows/s
+    # on this 2-core machine, in runs whose spread is +-20%.
+    "parallel_view_processing": 1,
 }
 
 
