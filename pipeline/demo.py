@@ -8,7 +8,9 @@ as a live stream's are), and prints:
 1. what came out of ``usage.accepted`` and ``usage.rejected`` (read-committed) beside what had to;
 2. once the last windows have closed, per account from Postgres: usage, charges and balance; the
    platform's fees and the providers' earnings; and whether every account's total equals the
-   independent reference (``pipeline.oracle``) and debits equal credits.
+   independent reference (``pipeline.oracle``) and debits equal credits;
+3. from ClickHouse, read over the worker's HTTP interface: usage by GPU model and revenue per
+   hour, and whether ClickHouse's charges equal Postgres' on every account and day.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from sqlalchemy import Engine, create_engine
 from pipeline.loadgen import Expected, LoadPlan, Message, account_ids, default_now, generate, publish
 from pipeline.oracle import accepted_events, oracle, store_plans, tier_plans
 from pipeline.outputs import OutputReader, Outputs
+from pipeline.reconcile import reconcile
 from pipeline.settings import Settings, mask_url
 from pipeline.testing import Worker, isolated_settings
+from sinks.clickhouse import reader
 from sinks.postgres import account_totals, account_usage, earnings, ledger_check, sqlalchemy_url
 
 # Windows close 30 s after their end (the demo's grace) once a partition has been idle 5 s; the
@@ -85,10 +89,11 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
         want = oracle(run, accepted_events(messages, expected), plans)
         got = await settle(engine, want, timeout_s=120)
         money_ok = print_money(console, engine, want, got)
+        analytics_ok = await asyncio.to_thread(print_analytics, console, engine, run)
     finally:
         worker.stop()
         engine.dispose()
-    return 0 if flow_ok and money_ok else 1
+    return 0 if flow_ok and money_ok and analytics_ok else 1
 
 
 def print_outputs(console: Console, expected: Expected, outputs: Outputs, started: float) -> bool:
@@ -206,6 +211,50 @@ def print_money(console: Console, engine: Engine, want: dict[str, int], got: dic
             "reference rating, to the base unit[/green]"
         )
     return not differ and debits == credits and balances == 0
+
+
+def print_analytics(console: Console, engine: Engine, run: Settings, timeout_s: float = 90) -> bool:
+    """A few rollups, read from ClickHouse the way every reader does while the worker runs (its
+    HTTP interface), once ClickHouse agrees with Postgres on every account and day."""
+    client = reader(run.clickhouse_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        differences = reconcile(engine, client)
+        while differences and time.monotonic() < deadline:
+            time.sleep(1)
+            differences = reconcile(engine, client)
+        by_model = client.query(
+            "SELECT gpu_model, toDecimal128(sum(gpu_seconds), 6) / 3600, sum(events) FROM usage_1h "
+            "WHERE type = 'gpu.usage.v1' GROUP BY gpu_model ORDER BY gpu_model"
+        ).result_rows
+        per_hour = client.query(
+            "SELECT bucket, sum(amount_base_units), sum(charges) FROM charges_1h "
+            "GROUP BY bucket ORDER BY bucket"
+        ).result_rows
+    finally:
+        client.close()
+    table = Table(title="Usage by GPU model (ClickHouse, usage_1h)")
+    for column in ("GPU model", "GPU hours", "heartbeats"):
+        table.add_column(column, justify="left" if column == "GPU model" else "right")
+    for model, hours, beats in by_model:
+        table.add_row(model, f"{hours:,.2f}", f"{beats:,}")
+    console.print(table)
+    table = Table(title="Revenue per hour of window start (ClickHouse, charges_1h)")
+    for column in ("hour (UTC)", "charges", "USDC"):
+        table.add_column(column, justify="left" if column.startswith("hour") else "right")
+    for bucket, amount, count in per_hour:
+        table.add_row(f"{bucket:%Y-%m-%d %H:00}", f"{count:,}", usdc(amount))
+    console.print(table)
+    if differences:
+        console.print(
+            f"[red]reconcile: {len(differences)} differences with Postgres, e.g. {differences[:2]}[/red]"
+        )
+    else:
+        console.print(
+            "[green]reconcile: ClickHouse (raw charges and daily rollup) equals Postgres on every "
+            "account and day[/green]"
+        )
+    return not differences
 
 
 if __name__ == "__main__":  # pragma: no cover

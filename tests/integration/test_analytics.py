@@ -18,7 +18,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from sqlalchemy import create_engine
 
 from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
-from pipeline.oracle import store_plans, tier_plans
+from pipeline.oracle import accepted_events, oracle, store_plans, tier_plans
 from pipeline.outputs import OutputReader
 from pipeline.reconcile import reconcile
 from pipeline.testing import Worker, isolated_settings
@@ -157,10 +157,12 @@ def test_worker_writes_usage_charges_and_dead_letters_once_and_serves_readers(tm
         analytics_sample_interval="PT2S",
     )
     engine = create_engine(sqlalchemy_url(settings))
-    store_plans(engine, tier_plans([f"acct-{i:05d}" for i in range(50)]))
+    plans = tier_plans([f"acct-{i:05d}" for i in range(50)])
+    store_plans(engine, plans)
     expected = Expected()
     plan = LoadPlan(events=20_000, accounts=50, batch_size=100, seed=5, ordered_time=True, time_span_s=120)
     messages = list(generate(plan, default_now(), expected))
+    want = oracle(settings, accepted_events(messages, expected), plans)
     worker = Worker(settings, "analytics-1").start()
     try:
         worker.wait_for_log("analytics: serving", 120)
@@ -180,9 +182,9 @@ def test_worker_writes_usage_charges_and_dead_letters_once_and_serves_readers(tm
         assert type(client).__name__ == "HttpClient"
 
         def settled() -> bool:
-            charged = account_totals(engine)
+            # Every window closed and in Postgres (the reference rating), then ClickHouse equal to it.
             return (
-                bool(charged)
+                account_totals(engine) == want
                 and not reconcile(engine, client)
                 and (
                     client.query("SELECT count() FROM usage_events").result_rows[0][0]
