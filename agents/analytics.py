@@ -149,7 +149,12 @@ class Batcher:
         if state is None:
             return  # revoked during the poll
         batch = state.open
-        expected = batch.last + 1 if batch is not None and batch.offsets else state.committed
+        if batch is not None and batch.offsets:
+            expected: int | None = batch.last + 1
+        elif state.frozen is not None:
+            expected = state.frozen.last + 1
+        else:
+            expected = state.committed
         if expected is not None and record.offset < expected:
             return  # fetched before a rebalance re-seek: already in this or an earlier batch
         if batch is None:
