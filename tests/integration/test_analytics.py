@@ -4,6 +4,8 @@ a real worker on the real broker and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,7 +23,7 @@ from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.oracle import accepted_events, oracle, store_plans, tier_plans
 from pipeline.outputs import OutputReader
 from pipeline.reconcile import reconcile
-from pipeline.testing import Worker, isolated_settings
+from pipeline.testing import Worker, isolated_settings, settings_env
 from schemas.charges import Charge, charge_id, charges_encoder
 from sinks.clickhouse import BadRowsError, ClickHouseSink, connect, endpoint_file, migrate, reader
 from sinks.clickhouse_http import ClickHouseHttpServer
@@ -216,6 +218,11 @@ def test_worker_writes_usage_charges_and_dead_letters_once_and_serves_readers(tm
             return {account: -balance for account, balance in rows if balance} == charged
 
         wait_for(balances_sampled, 30, "a balance sample equal to minus each account's charges")
+        # `tally reconcile`, as an operator runs it while the worker holds the path: exit 0.
+        command = [sys.executable, "-m", "pipeline.cli", "reconcile", "--json"]
+        env = settings_env(settings)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert (done.returncode, done.stdout) == (0, ""), done.stderr[-2000:]
         client.close()
     finally:
         worker.stop()
