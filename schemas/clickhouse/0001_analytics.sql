@@ -110,7 +110,9 @@ SETTINGS non_replicated_deduplication_window = 10000;
 --   whatever the number of accounts, where a key with the account had ~1 row per event at 1,000
 --   accounts (bench/analytics: usage_1d held 827,558 rows for 1,000,000 events).
 -- - by account (usage_accounts_1d, charges_accounts_1h/1d): the account and the service only, for
---   top accounts, reconcile and seed 003's per-account stats.
+--   top accounts, reconcile and seed 003's per-account stats. No per-account minute rollup: at
+--   1,000 accounts it would hold about a row per event, a second copy of the raw table, whose
+--   ORDER BY (subject, type, time) already serves one account's minutes.
 -- Only the minute rollups and the per-account ones read raw rows; hour and day rollups cascade
 -- from the finer grain's output block (already summed). Every key puts the bucket first: each
 -- query reads a time range (a panel's $__timeFilter, a stats period), so the range is one
