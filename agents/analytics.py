@@ -21,9 +21,14 @@ Backpressure: an insert that fails for any reason but the rows themselves (Click
 out of parts) pauses every partition, keeps the batch and its uncommitted offsets, and retries it
 with the same token, waiting ``analytics_retry_min`` doubling to ``analytics_retry_max``; the
 consumer keeps polling (nothing, while paused) so it stays in its group. When an insert succeeds
-the partitions resume. Rows the engine refuses (a foreign producer's message on these topics)
-are found by inserting the batch message by message (tokens ``...:<offset>``: a replay splits
-the same way) and dead-lettered with reason ``schema_violation``, the rest written.
+the partitions resume. A batch whose partition a rebalance moved is not written (its next owner
+re-cuts it from the commit metadata); a pending range that cannot be committed, or a rebalance
+whose committed offsets cannot be read, restarts the agent from the commits.
+
+Rows the engine refuses (a foreign producer's message on these topics) are found by inserting the
+batch message by message (tokens ``...:<offset>``: a replay splits the same way) and
+dead-lettered with reason ``schema_violation``, the rest written; a batch of which every message
+is refused is the engine failing, not the data, and is retried.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def table_of(settings: Settings) -> dict[str, str]:
 
 def rejection_row(record: ConsumerRecord[bytes, bytes]) -> bytes:
     """A dead letter as a ``rejections`` row (a one-row JSON array), from its headers."""
-    headers = {name: value.decode(errors="replace") for name, value in record.headers}
+    headers = {name: (value or b"").decode(errors="replace") for name, value in record.headers}
     row = {
         "time": datetime.fromtimestamp(record.timestamp / 1000, UTC).isoformat(),
         "reason": headers.get("tally.reason", "unknown"),
@@ -205,6 +210,11 @@ class Batcher:
         state.cut_at = None
         return head
 
+    def in_flight(self, tp: TopicPartition, batch: Batch) -> bool:
+        """Whether ``batch`` still is ``tp``'s batch in flight (a rebalance replaces the state)."""
+        state = self.partitions.get(tp)
+        return state is not None and state.frozen is batch
+
     def done(self, tp: TopicPartition, batch: Batch) -> None:
         state = self.partitions.get(tp)
         if state is None or state.frozen is not batch:
@@ -213,6 +223,14 @@ class Batcher:
         state.committed = batch.last + 1
         if state.open is not None:
             state.open.start = state.committed
+
+
+class RestartError(RuntimeError):
+    """The agent's view of its partitions is unreliable: it restarts from the committed offsets."""
+
+
+class EngineRefusedEverythingError(RuntimeError):
+    """Every message of a batch was refused as bad rows: handled as ClickHouse failing."""
 
 
 class AnalyticsSink:
@@ -230,7 +248,7 @@ class AnalyticsSink:
             return []
         except BadRowsError:
             pass
-        refused = []
+        refused: list[Rejection] = []
         for offset, array in zip(batch.offsets, batch.arrays, strict=True):
             try:
                 self.sink.insert(table, [array], f"{batch.token(tp)}:{offset}")
@@ -238,6 +256,9 @@ class AnalyticsSink:
                 origin = f"{tp.topic}/{tp.partition}/{offset}"
                 detail = f"ClickHouse refused the rows of {table}: {str(exc)[:500]}"
                 refused.append(Rejection(Reason.SCHEMA_VIOLATION, detail, array, origin, Stage.ANALYTICS))
+        if len(refused) == len(batch.arrays) > 1:
+            # Every message refused: the engine is failing, not the data (the meter wrote it).
+            raise EngineRefusedEverythingError(f"ClickHouse refused every message of {batch.token(tp)}")
         return refused
 
 
@@ -261,9 +282,18 @@ class AnalyticsAgent:
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._admin: AIOKafkaAdminClient | None = None
+        self._failure: Exception | None = None
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _take(self, polled: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        if self._failure is not None:  # the rebalance listener failed: restart from the commits
+            raise self._failure
+        now = time.monotonic()
+        for tp, records in polled.items():
+            for record in records:
+                self.batcher.add(tp, record, now)
 
     async def run(self) -> None:
         settings = self.settings
@@ -295,11 +325,8 @@ class AnalyticsAgent:
                 polled = await consumer.getmany(
                     timeout_ms=settings.poll_timeout_ms, max_records=settings.poll_max_records
                 )
-                now = time.monotonic()
-                for tp, records in polled.items():
-                    for record in records:
-                        self.batcher.add(tp, record, now)
-                frozen = self.batcher.freeze_due(now)
+                self._take(polled)
+                frozen = self.batcher.freeze_due(time.monotonic())
                 if frozen:
                     await self._flush(consumer, producer, frozen)
             # Stopping: write what is buffered (one attempt each; what fails is re-read later).
@@ -325,19 +352,16 @@ class AnalyticsAgent:
                 {tp: OffsetAndMetadata(batch.start, f"{PENDING}{batch.last}") for tp, batch in frozen.items()}
             )
         except (CommitFailedError, KafkaError) as exc:
-            # Lost the partitions (a rebalance) or the broker: the next owner re-reads from the
-            # last commit; writing these batches now could overlap its differently cut ones.
-            log.warning(
-                "analytics: could not record %d pending batches (%r); dropped, to be re-read",
-                len(frozen),
-                exc,
-            )
-            for tp in frozen:
-                self.batcher.revoke(tp)
-            return
+            # A rebalance or the broker: inserting now could overlap the next owner's batches,
+            # cut differently. The agent restarts and re-reads from the last commit.
+            raise RestartError(f"could not record {len(frozen)} pending batches: {exc!r}") from exc
         # Step 3: insert, retried with the same token until ClickHouse takes it.
+        written = {}
         for tp, batch in frozen.items():
             refused = await self._insert_until_written(consumer, tp, batch)
+            if refused is None:
+                continue  # the partition moved (a rebalance): its owner re-cuts this batch
+            written[tp] = batch
             for rejection in refused:
                 if tp.topic == self.settings.topic_rejected:
                     log.error(
@@ -353,21 +377,29 @@ class AnalyticsAgent:
             self.counters["rows"] += batch.rows
             self.counters["batches"] += 1
         # Step 4: the batches are written.
+        if not written:
+            return
         try:
-            await consumer.commit({tp: OffsetAndMetadata(batch.last + 1, "") for tp, batch in frozen.items()})
+            await consumer.commit(
+                {tp: OffsetAndMetadata(batch.last + 1, "") for tp, batch in written.items()}
+            )
         except (CommitFailedError, KafkaError) as exc:
             log.warning(
                 "analytics: commit after insert failed (%r); the next owner re-inserts, deduplicated", exc
             )
-        for tp, batch in frozen.items():
+        for tp, batch in written.items():
             self.batcher.done(tp, batch)
 
     async def _insert_until_written(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, batch: Batch
-    ) -> list[Rejection]:
+    ) -> list[Rejection] | None:
+        """The messages ClickHouse refused once the batch is written; None when the partition's
+        state moved on first (revoked, or reassigned with state read from the commits)."""
         wait = self.settings.analytics_retry_min.total_seconds()
         longest = self.settings.analytics_retry_max.total_seconds()
         while True:
+            if not self.batcher.in_flight(tp, batch):
+                return None
             try:
                 refused = await asyncio.to_thread(self.writer.insert, tp, batch)
             except Exception as exc:  # any failure but refused rows: ClickHouse unavailable or slow
@@ -380,8 +412,9 @@ class AnalyticsAgent:
                 self.counters["retries"] += 1
                 if self._stopping.is_set():
                     raise
-                # Poll while waiting (paused: nothing comes back) so the group keeps this member.
-                await consumer.getmany(timeout_ms=int(wait * 1000))
+                # Poll while waiting so the group keeps this member: paused partitions return
+                # nothing, and what a partition assigned meanwhile returned is batched, not lost.
+                self._take(await consumer.getmany(timeout_ms=int(wait * 1000)))
                 wait = min(wait * 2, longest)
                 continue
             if self.paused:
@@ -460,14 +493,20 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka sh
             self.agent.batcher.revoke(tp)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        admin = self.agent._admin
-        assert admin is not None
-        committed = await admin.list_consumer_group_offsets(
-            analytics_group(self.agent.settings), partitions=sorted(assigned)
-        )
-        for tp in assigned:
-            self.agent.batcher.assign(tp, committed.get(tp))
-        if self.agent.paused:  # a rebalance during an outage: new partitions wait too
-            consumer = self.agent._consumer
-            assert consumer is not None
-            consumer.pause(*assigned)
+        agent = self.agent
+        assert agent._admin is not None and agent._consumer is not None
+        try:
+            committed = await agent._admin.list_consumer_group_offsets(
+                analytics_group(agent.settings), partitions=sorted(assigned)
+            )
+            for tp in assigned:
+                # The admin client drops a response-level error as "nothing committed": a
+                # partition it says was never committed is checked with the consumer's own fetch.
+                if tp not in committed and await agent._consumer.committed(tp) is not None:
+                    raise RestartError(f"offsets of {tp} unreadable through the admin client")
+                agent.batcher.assign(tp, committed.get(tp))
+        except Exception as exc:  # aiokafka logs and swallows a listener's exceptions
+            agent._failure = exc
+            return
+        if agent.paused:  # a rebalance during an outage: new partitions wait too
+            agent._consumer.pause(*assigned)

@@ -107,11 +107,13 @@ class AnalyticsService(Service):
         client = await self._take_clickhouse()
         if client is None:
             return
-        server, published = None, None
+        server, published, readers = None, None, None
         try:
             if settings.clickhouse_url.startswith("chdb:"):
+                # Readers get a handle of their own on the path (chdb keeps sessions per handle).
+                readers = await asyncio.to_thread(connect, settings.clickhouse_url)
                 server = ClickHouseHttpServer(
-                    client, settings.analytics_http_host, settings.analytics_http_port, read_only=True
+                    readers, settings.analytics_http_host, settings.analytics_http_port, read_only=True
                 )
                 published = endpoint_file(settings.clickhouse_url)
                 published.write_text(await server.start(), encoding="utf-8")
@@ -122,6 +124,8 @@ class AnalyticsService(Service):
             if server is not None and published is not None:
                 published.unlink(missing_ok=True)
                 await server.stop()
+            if readers is not None:
+                readers.close()
             client.close()
 
     async def _take_clickhouse(self) -> Client | None:

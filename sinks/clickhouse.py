@@ -34,7 +34,8 @@ DDL_DIR = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse"
 VERSIONS_TABLE = "tally_schema_versions"
 
 # ClickHouse error codes that mean "this data is wrong", not "the server is unavailable": parse
-# and conversion failures of the inserted rows (ErrorCodes.cpp).
+# and conversion failures of the inserted rows (ErrorCodes.cpp). Not 1001 (STD_EXCEPTION): file
+# system and memory failures come as that too, and retrying them is right.
 BAD_DATA_CODES = frozenset(
     {
         6,  # CANNOT_PARSE_TEXT
@@ -52,7 +53,6 @@ BAD_DATA_CODES = frozenset(
         321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
         407,  # DECIMAL_OVERFLOW
         457,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (decimal)
-        1001,  # STD_EXCEPTION (a JSON parser's own exception)
     }
 )
 _CODE = re.compile(r"Code: (\d+)\.")

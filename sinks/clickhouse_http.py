@@ -50,10 +50,34 @@ TRANSPORT_PARAMS = frozenset(
         "enable_http_compression",
         "send_progress_in_http_headers",
         "http_headers_progress_interval_ms",
-        # Never passed on: chdb applies a query's settings to its one session and restores them
-        # after, but cannot restore anything once ``readonly`` is set (the inserts would fail).
+        # Never passed on: chdb applies a query's settings to its handle's session and restores
+        # them after, but cannot restore anything once ``readonly`` is set.
         "readonly",
     }
+)
+# Settings a reader may set for its query (the rest are dropped): limits and output shapes.
+READER_SETTINGS = frozenset(
+    {
+        "max_execution_time",
+        "timeout_overflow_mode",
+        "max_result_rows",
+        "max_result_bytes",
+        "result_overflow_mode",
+        "max_rows_to_read",
+        "max_bytes_to_read",
+        "read_overflow_mode",
+        "max_block_size",
+        "max_threads",
+        "date_time_output_format",
+        "session_timezone",
+    }
+)
+# Table functions that reach past the database: files, URLs, object stores, other servers.
+_OUTSIDE = re.compile(
+    rb"\b(file|fileCluster|url|urlCluster|s3|s3Cluster|gcs|azureBlobStorage|hdfs|remote|remoteSecure|"
+    rb"cluster|clusterAllReplicas|mysql|postgresql|mongodb|redis|sqlite|jdbc|odbc|executable|"
+    rb"iceberg\w*|deltaLake\w*|hudi\w*|input)\s*\(",
+    re.IGNORECASE,
 )
 READ_STATEMENTS = frozenset({b"SELECT", b"WITH", b"SHOW", b"DESCRIBE", b"DESC", b"EXISTS", b"EXPLAIN"})
 # The first keyword, after any leading whitespace, comments and opening parentheses.
@@ -64,6 +88,12 @@ _STATUS = {60: 404, 81: 404, 62: 400, 46: 400, 47: 400, 164: 403, 497: 403}
 
 
 class ClickHouseHttpServer:
+    """Serves ``client``. Read-only, ``client`` must be the server's own handle on the path (a
+    second ``connect`` in the owner's process: chdb keeps settings per handle): ``start`` sets the
+    engine's ``readonly = 2`` on it, so its sessions can read and change their own settings but
+    never write, whatever a statement hides, and the owner's inserts on the other handle never
+    wait for a reader's query nor see a reader's settings."""
+
     def __init__(self, client: Client, host: str, port: int, *, read_only: bool) -> None:
         self.client = client
         self.host = host
@@ -73,6 +103,8 @@ class ClickHouseHttpServer:
 
     async def start(self) -> str:
         """Serve; return the URL readers connect to (``http://host:port``)."""
+        if self.read_only:
+            await asyncio.to_thread(self.client.command, "SET readonly = 2")
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_get("/ping", self._ping)
         app.router.add_route("*", "/", self._query)
@@ -108,10 +140,12 @@ class ClickHouseHttpServer:
             for name, value in params.items()
             if name not in TRANSPORT_PARAMS and not name.startswith("param_")
         }
-        if self.read_only and not _reads_only(sql):
-            return _error(
-                403, 164, "Cannot execute query in readonly mode: this endpoint serves reads only (READONLY)"
-            )
+        if self.read_only:
+            # Readers share the handle's session: only settings that shape one query's answer.
+            settings = {name: value for name, value in settings.items() if _reader_setting(name)}
+            refusal = _refusal(sql)
+            if refusal is not None:
+                return _error(403, 164, f"{refusal}: this endpoint serves reads only (READONLY)")
         # A query's own FORMAT clause wins; an INSERT's names its input (its data follows it).
         is_insert = sql.lstrip()[:6].upper() == b"INSERT"
         match = None if is_insert else _FORMAT.search(sql[-200:])
@@ -138,12 +172,23 @@ class ClickHouseHttpServer:
         return web.Response(body=result, headers=headers)
 
 
-def _reads_only(sql: bytes) -> bool:
-    """A statement that reads: its first keyword is one of ``READ_STATEMENTS`` and it writes no
-    file. (The engine's own ``readonly`` setting cannot be used: the owner's session is shared
-    with its inserts, and a query-level ``readonly`` outlives the query in chdb's session.)"""
+def _refusal(sql: bytes) -> str | None:
+    """Why a reader's statement is refused before the engine sees it, or None. The engine's
+    ``readonly`` refuses every write anyway; this also refuses what ``readonly`` allows and a
+    dashboard never needs: reading the worker's files or other hosts through table functions,
+    several statements in one request, and statements other than reads."""
     first = _KEYWORD.match(sql)
-    return first is not None and first.group(1).upper() in READ_STATEMENTS and b"OUTFILE" not in sql.upper()
+    if first is None or first.group(1).upper() not in READ_STATEMENTS:
+        return "Only SELECT, WITH, SHOW, DESCRIBE, EXISTS and EXPLAIN statements"
+    if b";" in sql.rstrip().rstrip(b";"):
+        return "One statement per request"
+    if b"OUTFILE" in sql.upper() or _OUTSIDE.search(sql):
+        return "No files, URLs or other servers (table functions such as file() and url())"
+    return None
+
+
+def _reader_setting(name: str) -> bool:
+    return name in READER_SETTINGS or name.startswith("output_format_")
 
 
 def _error(status: int, code: int, message: str, query_id: str = "") -> web.Response:

@@ -6,8 +6,11 @@
 -- `insert_deduplication_token` made of its Kafka coordinates (topic, partition, first and last
 -- offset). A retried batch is dropped by the raw table AND by every rollup: a materialized view
 -- pushes a retried block into its target unless the target has the window too (measured with
--- chdb 4.4 / engine 26.9). At ~12 inserts per second per table (6 partitions x 2 s flushes x
--- 2 topics at most), 10,000 blocks cover more than ten minutes of retries.
+-- chdb 4.4 / engine 26.9). The window counts blocks, and an insert makes a block per partition it
+-- touches (a batch with late events spans several days' minute partitions): at 3 inserts per
+-- second per table (6 partitions, 2 s batches) and up to 3 blocks each, 10,000 blocks keep about
+-- 18 minutes; a replay follows its crash or rebalance within seconds, and during a ClickHouse
+-- outage nothing is inserted, so the window does not move.
 
 -- One row per accepted usage event (topic usage.accepted), as ingest normalized it. The `data`
 -- tuple holds the fields analytics reads (rollups, stats, the per-account drill-down), of every

@@ -115,10 +115,14 @@ def test_rows_the_engine_refuses_raise_bad_rows_and_write_nothing(engine_client:
     assert totals(engine_client)["usage_events"] == 0  # the block is all or nothing
 
 
-def test_readers_get_clickhouse_http_from_the_owner_and_cannot_write(engine_client: Client) -> None:
-    ClickHouseSink(engine_client).insert("usage_events", usage_batches(500), "t:0:0-4")
+def test_readers_get_clickhouse_http_from_the_owner_and_cannot_write(
+    engine_client: Client, tmp_path: Path
+) -> None:
+    sink = ClickHouseSink(engine_client)
+    sink.insert("usage_events", usage_batches(500), "t:0:0-4")
+    handle = connect(f"chdb://{tmp_path / 'ch'}")  # the readers' own handle, as the worker opens it
     loop = asyncio.new_event_loop()
-    server = ClickHouseHttpServer(engine_client, "127.0.0.1", 0, read_only=True)
+    server = ClickHouseHttpServer(handle, "127.0.0.1", 0, read_only=True)
     url = loop.run_until_complete(server.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -133,11 +137,27 @@ def test_readers_get_clickhouse_http_from_the_owner_and_cannot_write(engine_clie
             remote.command("INSERT INTO consumer_lag VALUES (now(), 'g', 't', 1)")
         with pytest.raises(DatabaseError, match="60"):  # UNKNOWN_TABLE, with the engine's message
             remote.query("SELECT * FROM no_such_table")
+        # What a first-keyword check alone let through: a second statement, a comment in a
+        # comment, the worker's files. The engine's readonly refuses writes whatever the text.
+        for sneaky in (
+            "SELECT 1; DROP TABLE usage_1h",
+            "/* /* */ SELECT */ INSERT INTO consumer_lag VALUES (now(), 'g', 't', 1)",
+            "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+            "SELECT * FROM url('http://127.0.0.1:1/', 'LineAsString')",
+        ):
+            with pytest.raises(DatabaseError, match="164"):
+                remote.command(sneaky)
+        assert handle.query("SELECT count() FROM system.tables WHERE name = 'usage_1h'").result_rows == [(1,)]
+        # A reader's settings stay in its session: this one would break every later statement.
+        remote.query("SELECT 1", settings={"max_query_size": 20})
+        sink.insert("usage_events", usage_batches(100, seed=2), "t:0:5-5")  # the owner still writes
+        assert remote.query("SELECT count() FROM usage_events").result_rows[0][0] > 500
         remote.close()
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        handle.close()
 
 
 def wait_for(condition: object, timeout: float, what: str) -> None:

@@ -34,7 +34,9 @@ def test_a_batch_is_cut_by_rows_or_age_and_continues_from_the_committed_offset()
     batcher.add(USAGE, record(USAGE, 12), now=1.5)  # a stale copy, while the batch is in flight
     batcher.add(USAGE, record(USAGE, 14), now=1.5)
     assert batcher.freeze_due(now=9.0) == {}  # one batch in flight per partition
+    assert batcher.in_flight(USAGE, frozen)
     batcher.done(USAGE, frozen)
+    assert not batcher.in_flight(USAGE, frozen)
     following = batcher.freeze_due(now=9.0)[USAGE]  # old enough now
     assert (following.start, following.last) == (14, 14)
 
@@ -68,6 +70,10 @@ def test_without_a_commit_the_first_record_starts_the_batch_and_revoked_partitio
     batcher.assign(USAGE, None)
     batcher.add(USAGE, record(USAGE, 7), now=0.0)
     assert batcher.freeze_due(now=0.0)[USAGE].start == 7
+    frozen = batcher.partitions[USAGE].frozen
+    assert frozen is not None
+    batcher.assign(USAGE, OffsetAndMetadata(7, f"{PENDING}7"))  # reassigned during the insert
+    assert not batcher.in_flight(USAGE, frozen)  # so the old flush does not write it
     batcher.revoke(USAGE)
     batcher.add(USAGE, record(USAGE, 8), now=0.0)  # polled before the revocation took effect
     assert batcher.freeze_due(now=5.0, everything=True) == {}
