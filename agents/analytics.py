@@ -44,12 +44,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
-from sqlalchemy import Engine, create_engine
 
+from agents.health import HealthSampler
 from pipeline.settings import Settings
 from schemas.rejections import MAX_DEAD_LETTER_BYTES, Reason, Rejection, Stage
 from sinks.clickhouse import BadRowsError, ClickHouseSink
-from sinks.postgres import customer_balances, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +60,8 @@ ROW_MARKERS = {"usage_events": b'"specversion"', "charges": b'"charge_id"'}
 _json = msgspec.json.Encoder()
 
 
-def stage_groups(settings: Settings) -> dict[str, list[str]]:
-    """The consumer groups whose lag the pipeline-health dashboard shows, with their topics."""
-    return {
-        f"{settings.app_id}-ingest": [settings.topic_raw],
-        f"{settings.app_id}-meter": [settings.topic_valid],
-        f"{settings.app_id}-ledger": [settings.topic_charges],
-        analytics_group(settings): analytics_topics(settings),
-    }
-
-
 def analytics_group(settings: Settings) -> str:
-    return f"{settings.app_id}-analytics"
+    return settings.group_id("analytics")
 
 
 def analytics_topics(settings: Settings) -> list[str]:
@@ -319,7 +308,7 @@ class AnalyticsAgent:
         await producer.start()
         await consumer.start()
         consumer.subscribe(analytics_topics(settings), listener=_Listener(self))
-        sampler = asyncio.create_task(self._sample())
+        sampler = asyncio.create_task(HealthSampler(settings, self.sink, admin, consumer).run())
         try:
             while not self._stopping.is_set():
                 polled = await consumer.getmany(
@@ -422,66 +411,6 @@ class AnalyticsAgent:
                 self.paused = False
                 log.info("analytics: ClickHouse is back; input resumed")
             return refused
-
-    # Consumer lag ------------------------------------------------------------------------------
-
-    async def _sample(self) -> None:
-        """Consumer lag and account balances into ClickHouse, every ``analytics_sample_interval``."""
-        interval = self.settings.analytics_sample_interval.total_seconds()
-        engine = create_engine(sqlalchemy_url(self.settings), pool_size=1, max_overflow=0)
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    lag = await self.lag_rows()
-                    balances = await asyncio.to_thread(self.balance_rows, engine)
-                    for table, rows in (("consumer_lag", lag), ("account_balances", balances)):
-                        if rows:
-                            await asyncio.to_thread(
-                                self.sink.insert, table, [_json.encode(rows)], f"{table}:{time.time()}"
-                            )
-                except Exception as exc:  # dashboard figures: never stop the agent for them
-                    log.warning("analytics: sampling lag and balances failed: %r", exc)
-        finally:
-            engine.dispose()
-
-    @staticmethod
-    def balance_rows(engine: Engine) -> list[dict[str, object]]:
-        now = datetime.now(UTC).replace(microsecond=0).isoformat()
-        return [
-            {
-                "time": now,
-                "account": account,
-                "balance_base_units": balance,
-                "low_balance_threshold": threshold,
-            }
-            for account, balance, threshold in customer_balances(engine)
-        ]
-
-    async def lag_rows(self) -> list[dict[str, object]]:
-        """One row per (group, topic): end offsets minus committed offsets, summed over partitions.
-        Offsets count a transaction's commit marker too, so a caught-up partition reads 0 or 1."""
-        assert self._admin is not None and self._consumer is not None
-        now = datetime.now(UTC).replace(microsecond=0).isoformat()
-        rows = []
-        for group, topics in stage_groups(self.settings).items():
-            committed = await self._admin.list_consumer_group_offsets(group)
-            # The partitions the group has committed on (a group that never committed has no lag
-            # to show yet).
-            partitions = sorted(tp for tp in committed if tp.topic in topics)
-            if not partitions:
-                continue
-            ends = await self._consumer.end_offsets(partitions)
-            starts = await self._consumer.beginning_offsets(partitions)
-            for topic in topics:
-                lag = 0
-                for tp in partitions:
-                    if tp.topic == topic:
-                        done = committed[tp]
-                        position = done.offset if done.offset >= 0 else starts[tp]
-                        lag += max(0, ends[tp] - position)
-                rows.append({"time": now, "consumer_group": group, "topic": topic, "lag": lag})
-        return rows
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information here

@@ -240,6 +240,10 @@ class Settings(BaseSettings):
             urlsplit(s if "://" in s else f"kafka://{s}").netloc for s in self.kafka_url.split(",")
         )
 
+    def group_id(self, stage: str) -> str:
+        """The consumer group of a stage (``<app>-<stage>``)."""
+        return f"{self.app_id}-{stage}"
+
     @property
     def stage_names(self) -> frozenset[str]:
         return frozenset(self.stages.split(","))

@@ -133,7 +133,7 @@ class TransactionalLoop:
         self.settings = settings
         self.stage = stage
         self.clock = clock
-        self.group_id = f"{settings.app_id}-{stage.name}"
+        self.group_id = settings.group_id(stage.name)
         self.counters: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._generation = 0

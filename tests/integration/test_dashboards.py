@@ -3,15 +3,17 @@ the engine (chdb) on the known data set: columns and numbers, at each rollup gra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 from clickhouse_connect.driver.client import Client
 
-from pipeline.dashboards import Panel, expand, panels
+from pipeline.dashboards import DASHBOARDS, Panel, expand, panels
 from sinks.clickhouse import ClickHouseSink, connect, migrate
 from tests.integration.analytics_dataset import load
 
@@ -143,3 +145,15 @@ def test_panel_totals_do_not_depend_on_the_rollup_grain(client: Client, panel: P
 def test_unknown_macros_are_refused() -> None:
     with pytest.raises(ValueError, match=r"\$__conditionalAll"):
         expand("SELECT 1 WHERE $__conditionalAll(x, $y)", TEN, ELEVEN, 60)
+
+
+def test_the_provisioned_data_source_is_the_one_every_panel_names() -> None:
+    provisioning = DASHBOARDS.parent / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "clickhouse.yaml").read_text())["datasources"][0]
+    assert (source["type"], source["jsonData"]["protocol"]) == ("grafana-clickhouse-datasource", "http")
+    for path in DASHBOARDS.glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                assert target["datasource"] == {"type": source["type"], "uid": source["uid"]}, panel["title"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "tally.yaml").read_text())["providers"][0]
+    assert provider["type"] == "file" and provider["options"]["path"]
