@@ -99,10 +99,11 @@ CREATE TABLE IF NOT EXISTS charges
     inserted_at DateTime('UTC') DEFAULT now()
 )
 ENGINE = MergeTree
+-- Monthly partitions, as usage_events: `tally reconcile` over a period prunes to its months.
 PARTITION BY toYYYYMM(window_start)
--- Serves `tally reconcile` (sum per account and UTC day, compared with Postgres) and the
--- per-account stats: WHERE account = ? AND window_start in a day reads one account's granules,
--- in time order. charge_id last makes the key unique per charge.
+-- Serves one account's charges (WHERE account = ? AND window_start in a range reads that
+-- account's granules only, in time order) and `tally reconcile`'s sum per account and day, which
+-- reads the period's months in key order. charge_id last makes the key unique per charge.
 ORDER BY (account, window_start, meter, charge_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
@@ -147,12 +148,14 @@ SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS usage_1h AS usage_1m
 ENGINE = AggregatingMergeTree
+-- Monthly partitions: a panel's hour range (up to 3 days) touches one or two.
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS usage_1d AS usage_1m
 ENGINE = AggregatingMergeTree
+-- Yearly partitions: day rows are few (4,690 for 10,000,000 events over 30 days in bench/analytics).
 PARTITION BY toYear(bucket)
 ORDER BY (bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind)
 SETTINGS non_replicated_deduplication_window = 10000;
@@ -218,6 +221,8 @@ CREATE TABLE IF NOT EXISTS usage_accounts_1d
     gb_seconds SimpleAggregateFunction(sum, Decimal(38, 9))
 )
 ENGINE = AggregatingMergeTree
+-- Monthly partitions: a stats period (days) touches one or two. ORDER BY (bucket, account, ...): a
+-- period is a contiguous slice, grouped by account and service inside it.
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (bucket, account, service, type)
 SETTINGS non_replicated_deduplication_window = 10000;
@@ -256,18 +261,21 @@ CREATE TABLE IF NOT EXISTS charges_1m
     platform_fee_base_units SimpleAggregateFunction(sum, UInt64)
 )
 ENGINE = AggregatingMergeTree
+-- Daily partitions, as usage_1m.
 PARTITION BY toYYYYMMDD(bucket)
 ORDER BY (bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS charges_1h AS charges_1m
 ENGINE = AggregatingMergeTree
+-- Monthly partitions: a panel's hour range touches one or two.
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS charges_1d AS charges_1m
 ENGINE = AggregatingMergeTree
+-- Yearly partitions: day rows are few (775 for 1,000,000 charges over 30 days in bench/analytics).
 PARTITION BY toYear(bucket)
 ORDER BY (bucket, meter, service, billing_method, gpu_model, provider_id, product_id, tier)
 SETTINGS non_replicated_deduplication_window = 10000;
@@ -321,6 +329,8 @@ CREATE TABLE IF NOT EXISTS charges_accounts_1h
     amount_base_units SimpleAggregateFunction(sum, UInt64)
 )
 ENGINE = AggregatingMergeTree
+-- Monthly partitions: a stats period or a panel range touches one or two. ORDER BY (bucket, account,
+-- service): top accounts over a range, and one account's days in reconcile and stats.
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (bucket, account, service)
 SETTINGS non_replicated_deduplication_window = 10000;
@@ -374,6 +384,7 @@ CREATE TABLE IF NOT EXISTS rejections_1m
     rejections SimpleAggregateFunction(sum, UInt64)
 )
 ENGINE = AggregatingMergeTree
+-- Monthly partitions and ORDER BY (bucket, reason, stage): the rejects-by-reason panel reads a time range.
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (bucket, reason, stage)
 SETTINGS non_replicated_deduplication_window = 10000;
@@ -392,6 +403,7 @@ CREATE TABLE IF NOT EXISTS accepted_1m
     events SimpleAggregateFunction(sum, UInt64)
 )
 ENGINE = AggregatingMergeTree
+-- Monthly partitions and ORDER BY (bucket, type): the accepted-per-minute panel reads a time range.
 PARTITION BY toYYYYMM(bucket)
 ORDER BY (bucket, type)
 SETTINGS non_replicated_deduplication_window = 10000;
