@@ -45,7 +45,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from agents.health import HealthSampler
+from agents.health import HealthSampler, stage_groups
 from pipeline.settings import Settings
 from schemas.rejections import MAX_DEAD_LETTER_BYTES, Reason, Rejection, Stage
 from sinks.clickhouse import BadRowsError, ClickHouseSink
@@ -65,7 +65,7 @@ def analytics_group(settings: Settings) -> str:
 
 
 def analytics_topics(settings: Settings) -> list[str]:
-    return [settings.topic_accepted, settings.topic_charges, settings.topic_rejected]
+    return stage_groups(settings)[analytics_group(settings)]
 
 
 def table_of(settings: Settings) -> dict[str, str]:
@@ -98,12 +98,9 @@ class Batch:
     opened: float  # time.monotonic() of its first record
     arrays: list[bytes] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
-    row_counts: list[int] = field(default_factory=list)
+    row_counts: list[int] = field(default_factory=list)  # per message, to split at a re-cut
     last: int = -1
-
-    @property
-    def rows(self) -> int:
-        return sum(self.row_counts)
+    rows: int = 0  # their sum, kept as records come (freeze_due reads it every poll)
 
     def token(self, tp: TopicPartition) -> str:
         return f"{tp.topic}:{tp.partition}:{self.start}-{self.last}"
@@ -163,6 +160,7 @@ class Batcher:
         batch.arrays.append(value)
         batch.offsets.append(record.offset)
         batch.row_counts.append(rows)
+        batch.rows += rows
         batch.last = record.offset
 
     def freeze_due(self, now: float, everything: bool = False) -> dict[TopicPartition, Batch]:
@@ -190,11 +188,12 @@ class Batcher:
         head = Batch(
             batch.start, batch.opened, batch.arrays[:keep], batch.offsets[:keep], batch.row_counts[:keep]
         )
-        head.last = cut_at
+        head.last, head.rows = cut_at, sum(head.row_counts)
         rest = Batch(
             cut_at + 1, batch.opened, batch.arrays[keep:], batch.offsets[keep:], batch.row_counts[keep:]
         )
         rest.last = rest.offsets[-1] if rest.offsets else -1
+        rest.rows = sum(rest.row_counts)
         state.open = rest if rest.offsets else None
         state.cut_at = None
         return head

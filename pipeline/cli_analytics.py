@@ -51,16 +51,27 @@ def clickhouse_serve(
         client.close()
 
 
-def _period(since: str | None, until: str | None) -> tuple[date, date]:
-    """``--since``/``--until`` as UTC days; by default the last 30 days up to today."""
-    from datetime import UTC, datetime, timedelta
-
+def _days(since: str | None, until: str | None) -> tuple[date | None, date | None]:
+    """``--since``/``--until`` as UTC days (None where not given); exit 2 on a bad one."""
     try:
-        last = date.fromisoformat(until) if until else datetime.now(UTC).date()
-        first = date.fromisoformat(since) if since else last - timedelta(days=29)
+        first = date.fromisoformat(since) if since else None
+        last = date.fromisoformat(until) if until else None
     except ValueError as exc:
         console.print(f"[red]--since/--until: {exc}[/red]")
         raise typer.Exit(2) from None
+    if first is not None and last is not None and first > last:
+        console.print("[red]--since is after --until[/red]")
+        raise typer.Exit(2)
+    return first, last
+
+
+def _period(since: str | None, until: str | None) -> tuple[date, date]:
+    """``--since``/``--until``; by default the last 30 days up to today."""
+    from datetime import UTC, datetime, timedelta
+
+    first, last = _days(since, until)
+    last = last or datetime.now(UTC).date()
+    first = first or last - timedelta(days=29)
     if first > last:
         console.print("[red]--since is after --until[/red]")
         raise typer.Exit(2)
@@ -188,12 +199,7 @@ def reconcile(
     from sinks.postgres import sqlalchemy_url
 
     settings = settings_or_exit()
-    try:
-        first = date.fromisoformat(since) if since else None
-        last = date.fromisoformat(until) if until else None
-    except ValueError as exc:
-        console.print(f"[red]--since/--until: {exc}[/red]")
-        raise typer.Exit(2) from None
+    first, last = _days(since, until)
     engine = create_engine(sqlalchemy_url(settings))
     client = reader(settings.clickhouse_url)
     try:

@@ -13,7 +13,7 @@ traffic: ~30 rows per account and dimension. Seed 003's vocabulary, as Tally bil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 
@@ -83,7 +83,7 @@ class UsageAggregate:
     gpu_hours: Decimal
     gb_months: Decimal
     charges: int
-    charged: Money = field(compare=True)
+    charged: Money
 
 
 # The period, whole UTC days from ``since`` to ``until`` included, on a rollup's bucket.

@@ -24,6 +24,15 @@ RANGES = {"2h": (TEN, TEN + timedelta(hours=2)), "3d": (TEN - timedelta(days=1),
 RANGES["31d"] = (TEN - timedelta(days=15), TEN + timedelta(days=16))
 HOURLY = 3600
 
+# Events per hour and type: by event time (usage rollups) and by write time (accepted_1m), which
+# the data set puts 5 minutes after the event time, in the same hours.
+EVENTS_BY_TYPE: list[tuple[object, ...]] = [
+    (TEN, "api.request.v1", 2),
+    (TEN, "gpu.usage.v1", 2),
+    (TEN, "storage.usage.v1", 1),
+    (ELEVEN, "api.request.v1", 4),
+    (ELEVEN, "gpu.usage.v1", 1),
+]
 # Per panel, over the two hours at a one-hour interval: (columns, rows).
 EXPECTED: dict[str, tuple[tuple[str, ...], list[tuple[object, ...]]]] = {
     "Revenue by service (USDC)": (
@@ -37,13 +46,7 @@ EXPECTED: dict[str, tuple[tuple[str, ...], list[tuple[object, ...]]]] = {
     ),
     "Usage events by type": (
         ("time", "type", "events"),
-        [
-            (TEN, "api.request.v1", 2),
-            (TEN, "gpu.usage.v1", 2),
-            (TEN, "storage.usage.v1", 1),
-            (ELEVEN, "api.request.v1", 4),
-            (ELEVEN, "gpu.usage.v1", 1),
-        ],
+        EVENTS_BY_TYPE,
     ),
     "GPU hours by GPU model": (
         ("time", "gpu_model", "gpu_hours"),
@@ -68,13 +71,7 @@ EXPECTED: dict[str, tuple[tuple[str, ...], list[tuple[object, ...]]]] = {
     "API requests by tier": (("tier", "requests", "overage_usdc"), [("startup", 1, Decimal("0"))]),
     "Accepted events per minute": (
         ("time", "type", "events"),
-        [
-            (TEN, "api.request.v1", 2),
-            (TEN, "gpu.usage.v1", 2),
-            (TEN, "storage.usage.v1", 1),
-            (ELEVEN, "api.request.v1", 4),
-            (ELEVEN, "gpu.usage.v1", 1),
-        ],
+        EVENTS_BY_TYPE,
     ),
     "Rejected events by reason": (
         ("time", "reason", "rejections"),
