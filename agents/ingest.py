@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import repeat
 
 import msgspec
 import xxhash
@@ -86,18 +87,28 @@ class PartitionedBatches:
     _records: dict[int, tuple[list[ValidRecord], list[int]]] = field(default_factory=dict)
     count: int = 0
 
-    def add(self, partition: int, event: bytes, source: str, event_id: str) -> None:
-        """Add one normalized event, as the record dedupe reads: [identity, fingerprint, event]."""
-        key = f"{source}\x00{event_id}".encode()  # identity_key, inlined on the hot path
-        record = (key, xxhash.xxh3_128_digest(event), event)  # fingerprint, inlined
-        size = len(event) + len(key) + FINGERPRINT_BYTES + VALID_RECORD_OVERHEAD
-        pending = self._records.get(partition)
-        if pending is None:
-            self._records[partition] = ([record], [size])
-        else:
-            pending[0].append(record)
-            pending[1].append(size)
-        self.count += 1
+    def add(self, events: Sequence[UsageEvent], partition_of: Partitioner) -> None:
+        """Add validated events: time to UTC, one canonical encoding each, routed by subject, as
+        the records dedupe reads: [identity, fingerprint, event]. One loop with everything bound
+        to locals: a method call per event cost ~0.3 us more here."""
+        records = self._records
+        cached_partition = partition_of.cache.get
+        encode = encoder.encode
+        digest = xxhash.xxh3_128_digest
+        for event in events:
+            if event.time.tzinfo is not UTC:  # msgspec gives "Z" and "+00:00" this very tzinfo
+                event.time = event.time.astimezone(UTC)
+            body = encode(event)
+            key = f"{event.source}\x00{event.id}".encode()  # identity_key, inlined
+            partition = cached_partition(event.subject)
+            if partition is None:
+                partition = partition_of(event.subject)
+            pending = records.get(partition)
+            if pending is None:
+                pending = records[partition] = ([], [])
+            pending[0].append((key, digest(body), body))  # digest: schemas.events.fingerprint
+            pending[1].append(len(body) + len(key) + FINGERPRINT_BYTES + VALID_RECORD_OVERHEAD)
+        self.count += len(events)
 
     def messages(self) -> Iterator[tuple[int, Sequence[ValidRecord]]]:
         """(partition, records) per output message, each under ``max_message_bytes`` encoded."""
@@ -171,9 +182,7 @@ class IngestCore:
         bounds = result.bounds
         rejected = result.rejected
         decode = event_decoder.decode
-        encode = encoder.encode
         add = result.accepted.add
-        cached_partition = self.partitioner.cache.get
         partition_of = self.partitioner
         for index, raw in enumerate(elements):
             where = index if batch else None
@@ -194,10 +203,7 @@ class IngestCore:
                 if problem is not None:
                     rejected.append(_reject(problem[0], problem[1], raw, origin, where))
                     continue
-                partition = cached_partition(event.subject)
-                if partition is None:
-                    partition = partition_of(event.subject)
-                add(partition, encode(_normalized(event)), event.source, event.id)
+                add((event,), partition_of)
             except Exception as exc:  # last line of defence: a poison event must not crash-loop the worker
                 log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, where)
                 detail = f"could not be processed: {exc!r}"
@@ -213,18 +219,42 @@ class IngestCore:
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return False
         policy, bounds = self.policy, result.bounds
-        if any(_check(event, policy, bounds) is not None for event in events):
+        if not all(map(_clean, events, repeat(bounds))) or (
+            policy.known_accounts is not None
+            and not policy.known_accounts.issuperset(event.subject for event in events)
+        ):
             return False
-        encode, add, partition_of = encoder.encode, result.accepted.add, self.partitioner
-        for event in events:
-            add(partition_of(event.subject), encode(_normalized(event)), event.source, event.id)
+        result.accepted.add(events, self.partitioner)
         return True
 
 
-def _normalized(event: UsageEvent) -> UsageEvent:
-    if event.time.utcoffset():
-        event.time = event.time.astimezone(UTC)
-    return event
+def _clean(event: UsageEvent, bounds: _TimeBounds) -> bool:
+    """``_check``'s common case in one expression: True only for an event ``_check`` passes
+    (known accounts aside: the caller checks those), i.e. within the time bounds, every decimal
+    quantity finite and within bounds, VRAM allocated within total, utilization at most 1.
+    False sends the batch through ``_check`` for the reason. ~0.4 us per GPU heartbeat against
+    ~1 us for ``_check``'s one call per quantity, measured here."""
+    if not bounds.earliest <= event.time <= bounds.latest:
+        return False
+    try:  # comparing a NaN raises; infinities fail the bounds
+        if type(event) is GpuUsageEvent:
+            gpu = event.data
+            return (
+                _ZERO <= gpu.vram_allocated_gb <= gpu.vram_total_gb <= MAX_QUANTITY
+                and _ZERO <= gpu.power_watts <= MAX_QUANTITY
+                and _ZERO <= gpu.utilization <= 1
+            )
+        if type(event) is StorageUsageEvent:
+            return _ZERO <= event.data.gb <= MAX_QUANTITY
+        if type(event) is SessionStartedEvent:
+            started = event.data
+            return all(
+                quantity is None or _ZERO <= quantity <= MAX_QUANTITY
+                for quantity in (started.vram_total_gb, started.vram_allocated_gb)
+            )
+    except ArithmeticError:
+        return False
+    return True
 
 
 def _split(

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.ingest import IngestCore, IngestPolicy, IngestResult, PartitionedBatches, Partitioner
-from schemas.events import fingerprint, identity_key, valid_decoder, valid_encoder
+from schemas.events import event_decoder, fingerprint, identity_key, valid_decoder, valid_encoder
 from schemas.rejections import Reason
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -182,12 +182,14 @@ def test_events_are_routed_by_account_with_kafkas_partitioner() -> None:
 
 def test_output_messages_are_cut_at_the_size_limit() -> None:
     batches = PartitionedBatches(partitions=1, max_message_bytes=1000)
-    for i in range(25):
-        batches.add(0, b"x" * 99, "src", f"id-{i:02d}")
+    events = [event_decoder.decode(enc(api_event(id=f"id-{i:02d}"))) for i in range(25)]
+    batches.add(events, Partitioner(1))
     messages = [valid_encoder.encode(records) for _, records in batches.messages()]
     assert all(len(m) <= 1000 for m in messages)
     decoded = [record for m in messages for record in valid_decoder.decode(m)]
-    assert [key for key, _, _ in decoded] == [identity_key("src", f"id-{i:02d}") for i in range(25)]
+    assert [key for key, _, _ in decoded] == [
+        identity_key("node-agent/eu-1", f"id-{i:02d}") for i in range(25)
+    ]
     assert all(fp == fingerprint(event) for _, fp, event in decoded)
     assert len(messages) > 2
     assert batches.count == 25
@@ -263,3 +265,58 @@ def test_one_bad_event_sends_a_small_batch_down_the_per_event_path() -> None:
     result = run(enc(batch))
     assert sorted(e["id"] for e in accepted(result)) == ["a", "c"]
     assert [(r.reason.value, r.origin) for r in result.rejected] == [("too_late", "usage.raw/0/0#1")]
+
+
+# Decimal spellings at and past every bound the checks hold quantities to (and ones no comparison
+# can order): the batch fast path's one-expression test must pass exactly what ``_check`` passes.
+EDGE_DECIMALS = ["0", "12", "24", "24.0000001", "-0", "-1", "0.8", "1", "1.01", "1E15", "1E15.5", "1e16",
+                 "NaN", "sNaN", "Infinity", "-Infinity", "1E+15", "0E-30"]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(
+                lambda total, allocated, watts, utilization, minutes: gpu_event(
+                    time=f"2026-11-24T12:{minutes:02d}:00Z",
+                    data={
+                        "vram_total_gb": total,
+                        "vram_allocated_gb": allocated,
+                        "power_watts": watts,
+                        "utilization": utilization,
+                    },
+                ),
+                *[st.sampled_from(EDGE_DECIMALS)] * 4,
+                st.sampled_from([0, 5, 6]),  # now, at the tolerance, past it
+            ),
+            st.builds(
+                lambda gb: {
+                    **api_event(),
+                    "type": "storage.usage.v1",
+                    "data": {"storage_kind": "bucket", "resource_id": "r", "gb": gb, "duration_seconds": 60},
+                },
+                st.sampled_from(EDGE_DECIMALS),
+            ),
+            st.builds(
+                lambda total, allocated: {
+                    **api_event(),
+                    "type": "session.started.v1",
+                    "data": {"session_id": "s", "vram_total_gb": total, "vram_allocated_gb": allocated},
+                },
+                st.sampled_from([None, *EDGE_DECIMALS]),
+                st.sampled_from([None, *EDGE_DECIMALS]),
+            ),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_batch_fast_path_accepts_exactly_what_the_checks_accept(events: list[dict[str, Any]]) -> None:
+    events = [{**e, "data": {k: v for k, v in e["data"].items() if v is not None}} for e in events]
+    for index, event in enumerate(events):
+        event["id"] = f"e{index}"
+    as_batch = run(enc(events))
+    one_by_one = run(*(enc(e) for e in events))
+    assert list(as_batch.accepted.messages()) == list(one_by_one.accepted.messages())
+    assert reasons(as_batch) == reasons(one_by_one)
