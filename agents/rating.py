@@ -101,7 +101,7 @@ def billable_seconds(seconds: int, rates: GpuRates, session_total_seconds: int |
     """Rounds up to the billing granularity (per minute by default); a session shorter than the
     minimum length is billed the minimum (``session_total_seconds`` given at session end)."""
     step = rates.billing_granularity_seconds
-    billed = math.ceil(seconds / step) * step
+    billed = -(-seconds // step) * step  # ceiling division in integers: no float in between
     if session_total_seconds is not None:
         billed = max(billed, rates.minimum_session_minutes * 60)
     return billed
@@ -124,8 +124,11 @@ def gpu_hourly_rate(  # noqa: PLR0917  # the seed's pricing inputs, in its order
     else:
         assert rates.vram_rate_per_gb_hour is not None  # the model validator guarantees it
         compute = vram_allocated_gb * rates.vram_rate_per_gb_hour
-    hourly = (compute + power_watts * rates.power_rate_per_watt_hour) * (demand or rates.demand_multiplier)
-    return max(hourly, provider_minimum or _ZERO)
+    hourly = compute + power_watts * rates.power_rate_per_watt_hour
+    multiplier = demand or rates.demand_multiplier
+    if multiplier != 1:  # x * 1 is x, digits and exponent alike: skipped, as most books have none
+        hourly *= multiplier
+    return max(hourly, provider_minimum) if provider_minimum else hourly
 
 
 def rate_gpu(

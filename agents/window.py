@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import cache
 
 import msgspec
 
@@ -184,32 +185,39 @@ class Windows:
         self._late: dict[WindowKey, Tally] = {}
         self._versions: dict[tuple[str, int], PriceBookVersion] = {}
         self._session_changes: dict[bytes, bytes] = {}
+        # The (book, window start, version) of the last event: consecutive events mostly share it.
+        self._last_version: tuple[PriceBook | None, int, PriceBookVersion | None] = (None, -1, None)
 
     # Adding usage ---------------------------------------------------------------------------
 
     def add(self, event: MeteredEvent) -> None:
         """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
-        the event is added)."""
+        the event is added). Called once per event: helpers are inlined and the price-book version
+        of the previous event's window is reused (~1 us per event less than a call each, here)."""
         moment = event.time.timestamp()
         config = self.config
         watermark = self.watermark
         if moment < watermark - config.horizon:
             raise TooLateError(f"time {event.time.isoformat()} is older than the correction horizon")
         start = int(moment // config.size) * config.size
-        plan = self.plan_of(event.subject)
-        version = self._version(plan.book, start)
-        if isinstance(event, MeteredSessionStarted | MeteredSessionEnded):
-            joined = self._join_session(event, plan, version)
-            if joined is not None:  # both ends seen: the session is charged in its end's window
-                start = int(joined[0] // config.size) * config.size
-                self._add_parts(event.subject, start, joined[1], self._version(plan.book, start))
+        account = event.subject
+        plan = self.plan_of(account)
+        last_book, last_start, last_version = self._last_version
+        if last_version is not None and last_book is plan.book and last_start == start:
+            version = last_version
         else:
-            self._add_parts(event.subject, start, usage_of(event, plan, version, start), version)
-        if moment > watermark:
-            self.watermark = int(moment)
-
-    def _add_parts(self, account: str, start: int, parts: list[Part], version: PriceBookVersion) -> None:
-        config = self.config
+            version = self._version(plan.book, start)
+            self._last_version = (plan.book, start, version)
+        if type(event) is MeteredSessionStarted or type(event) is MeteredSessionEnded:
+            joined = self._join_session(event, plan, version)
+            if joined is None:
+                parts: list[Part] = []
+            else:  # both ends seen: the session is charged in its end's window
+                start = int(joined[0] // config.size) * config.size
+                version = self._version(plan.book, start)
+                parts = joined[1]
+        else:
+            parts = usage_of(event, plan, version, start)
         open_windows = self.open
         for meter, dims, quantity, amount, unit, provider in parts:
             key = (account, meter, dims, start)
@@ -226,6 +234,8 @@ class Windows:
             tally.quantity += quantity
             tally.amount += amount
             self._dirty.add(key)
+        if moment > watermark:
+            self.watermark = int(moment)
 
     def _join_session(
         self, event: MeteredSessionStarted | MeteredSessionEnded, plan: AccountPlan, version: PriceBookVersion
@@ -439,6 +449,16 @@ def divisor(meter: str) -> Decimal:
     return _ONE
 
 
+@cache  # a handful of tiers and products: one tuple or string each, not one per event
+def _tier_dims(tier: str) -> Dims:
+    return (("tier", tier),)
+
+
+@cache
+def _product_meter(product_id: str) -> str:
+    return f"product:{product_id}"
+
+
 def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
     """The metered parts of one event: what it adds to which window (pure)."""
     if isinstance(event, MeteredGpu):
@@ -461,11 +481,11 @@ def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, 
             if plan.api_tier not in version.api_tiers:
                 raise UnpricedError(f"no API tier {plan.api_tier!r} in price book {version.label}")
             requests = Decimal(api.request_count)
-            parts.append(("api_overage", (("tier", plan.api_tier),), requests, _ZERO, "request", None))
+            parts.append(("api_overage", _tier_dims(plan.api_tier), requests, _ZERO, "request", None))
         if api.product_id is not None and api.product_id in version.products:
             product = version.products[api.product_id]
             tokens = Decimal(api.tokens_in + api.tokens_out)
-            parts.append((f"product:{api.product_id}", (), tokens, _ZERO, product.unit, None))
+            parts.append((_product_meter(api.product_id), (), tokens, _ZERO, product.unit, None))
         # Neither: the request is usage (analytics count it) that this account's plan does not
         # charge for, as a free tier's endpoints are.
         return parts
