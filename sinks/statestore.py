@@ -14,6 +14,7 @@ a sweep.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
@@ -62,6 +63,17 @@ class PartitionStore:
 
     def apply(self, items: Iterable[tuple[bytes, bytes]], next_changelog_offset: int) -> None:
         """Write ``items`` and the new changelog position atomically."""
+        self._db.write(self._batch(items, next_changelog_offset))
+
+    async def apply_in_thread(self, items: Iterable[tuple[bytes, bytes]], next_changelog_offset: int) -> None:
+        """``apply``, with RocksDB's write in a thread: the write (memtable inserts, ~0.3 us per
+        key in isolation and ~1 us in a busy worker here) releases the GIL, so the event loop's
+        thread goes on with other partitions and stages meanwhile. The caller must not read the
+        store before this returns."""
+        await asyncio.to_thread(self._db.write, self._batch(items, next_changelog_offset))
+
+    @staticmethod
+    def _batch(items: Iterable[tuple[bytes, bytes]], next_changelog_offset: int) -> WriteBatch:
         batch = WriteBatch(raw_mode=True)
         for key, value in items:
             if value:
@@ -69,7 +81,7 @@ class PartitionStore:
             else:  # an empty value is a deletion (a closed window leaves the open set)
                 batch.delete(key)
         batch.put(_OFFSET_KEY, str(next_changelog_offset).encode())
-        self._db.write(batch)
+        return batch
 
     def items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Every entry whose key starts with ``prefix``, in key order."""
