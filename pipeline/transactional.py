@@ -370,8 +370,13 @@ class TransactionalLoop:
             transaction_timeout_ms=self.settings.transaction_timeout_ms,
             enable_idempotence=True,
             acks="all",
-            # No compression: aiokafka frames snappy in Python (8% of a worker's CPU in a profile
-            # here, more than the socket copies it saves) and runs lz4 at level 9 (127 MB/s).
+            # zstd (level 3, in cramjam's C): ~8x smaller batches of normalized events, compressed
+            # at ~650 MB/s and read back at ~1 GB/s here, against asyncio's and aiokafka's
+            # per-byte Python work on every batch (~25% of a worker's CPU uncompressed):
+            # bench/meter batch 62,411 / 63,284 events/s with it, 56,487 / 58,311 without, in
+            # alternating runs. Not snappy (aiokafka frames it in Python: 8% of a worker's CPU)
+            # nor lz4 (aiokafka runs level 9: 127 MB/s).
+            compression_type="zstd",
             linger_ms=5,
             max_batch_size=1024 * 1024,
             max_request_size=MAX_DEAD_LETTER_BYTES + 64 * 1024,  # a whole dead letter fits
