@@ -362,3 +362,37 @@ def test_sessions_without_a_user_type_or_with_an_unknown_tier() -> None:
     assert p.poll(wall_clock=T0 + timedelta(hours=1)).charges == []  # no user type: usage only
     with pytest.raises(UnpricedError, match="quantum"):
         p.windows.add(event("session.started.v1", T0, "acct-ent", 3, resource_tier="quantum"))
+
+
+def test_interleaved_accounts_on_different_books_each_get_their_books_price() -> None:
+    """Windows.add reuses the previous event's price-book version: only for the same book and
+    window start, whatever order accounts and windows come in."""
+    text = """
+name: cheap
+versions:
+  - effective_from: "2026-01-01T00:00:00Z"
+    gpu: {base_rate_per_hour: {rtx_4090: "0.10"}, power_rate_per_watt_hour: "0"}
+  - effective_from: "2026-11-24T12:01:00Z"
+    gpu: {base_rate_per_hour: {rtx_4090: "0.20"}, power_rate_per_watt_hour: "0"}
+"""
+    PLANS["acct-cheap"] = AccountPlan(parse_price_book(text))
+    p = Partition()
+    accounts = ["acct-cheap", "acct-1", "acct-1", "acct-cheap"]
+    heartbeats = [
+        event("gpu.usage.v1", T0 + timedelta(minutes=minute, seconds=serial), account, 10 * minute + serial)
+        for minute in (0, 1)  # the books alternate within a window, and "cheap" spans two
+        for serial, account in enumerate(accounts)
+    ]
+    p.poll(*heartbeats, wall_clock=T0 + timedelta(hours=1))
+    charged = {(c.account, c.window_start, c.price_version) for c in p.charges}
+    amounts = {(c.account, c.window_start): c.amount_base_units for c in p.charges}
+    start = T0 + timedelta(minutes=1)
+    # The default book: 0.60/h per heartbeat minute. "cheap": half a 4090 at 0.10/h, then 0.20/h.
+    assert amounts == {
+        ("acct-1", T0): gpu_window_amount(2),
+        ("acct-1", start): gpu_window_amount(2),
+        ("acct-cheap", T0): to_base_units(Decimal("0.05") * 2 / 60, BOOK.token.decimals),
+        ("acct-cheap", start): to_base_units(Decimal("0.10") * 2 / 60, BOOK.token.decimals),
+    }
+    assert ("acct-cheap", start, "2026-11-24T12:01:00Z") in charged
+    assert ("acct-cheap", T0, "2026-01-01T00:00:00Z") in charged
