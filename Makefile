@@ -58,6 +58,7 @@ demo: up ## run a worker, publish ~100,000 synthetic events, print what came out
 bench: up ## benchmarks: results in bench/results/*.json and bench/README.md
 	@$(VENV)/bin/python -m bench.ingest
 	@$(VENV)/bin/python -m bench.meter
+	@$(VENV)/bin/python -m bench.kafka_clients
 
 schemas: install ## re-export the JSON Schema files from the event models
 	@$(VENV)/bin/python -m schemas.export
