@@ -119,6 +119,11 @@ class AnalyticsService(Service):
                 published.write_text(await server.start(), encoding="utf-8")
                 log.info("analytics: serving %s at %s", settings.clickhouse_url, published.read_text())
             self._agent = AnalyticsAgent(settings, ClickHouseSink(client))
+            # A stop that came while this took ClickHouse found no agent to stop: it would run
+            # until on_stop gave up (30 s). Nothing awaits between this check and run()'s start,
+            # so a later stop finds the agent.
+            if self.should_stop:
+                return
             await self._agent.run()
         finally:
             if server is not None and published is not None:
