@@ -121,22 +121,28 @@ async def create_topic(settings: Settings, name: str) -> None:
         await admin.close()
 
 
+def clean_stream(events: int, accounts: int, batch_size: int, *, seed: int, span_s: int) -> LoadPlan:
+    """The benches' data: clean synthetic usage (no bad events, duplicates or mis-keyed messages)
+    with event times ascending over ``span_s`` seconds, as a live stream's."""
+    return LoadPlan(
+        events=events,
+        accounts=accounts,
+        batch_size=batch_size,
+        bad_fraction=0,
+        duplicate_fraction=0,
+        wrong_key_fraction=0,
+        seed=seed,
+        ordered_time=True,
+        time_span_s=span_s,
+    )
+
+
 def run_shape(shape: str, work: Path) -> dict[str, Any]:
     batch_size, events, span = SHAPES[shape]
     # The stages up to usage.accepted (bench/meter measures the ledger, bench/analytics ClickHouse).
     settings = isolated_settings(work / shape, accounts=1000, accounts_file=None, stages="ingest,meter")
     expected = Expected()
-    plan = LoadPlan(
-        events=events,
-        accounts=1000,
-        batch_size=batch_size,
-        bad_fraction=0,
-        duplicate_fraction=0,
-        wrong_key_fraction=0,
-        seed=7,
-        ordered_time=True,
-        time_span_s=span,
-    )
+    plan = clean_stream(events, 1000, batch_size, seed=7, span_s=span)
     sent, seconds = asyncio.run(publish(settings, generate(plan, default_now(), expected), chunk=5_000))
     print(f"[{shape}] published {sent:,} events in {seconds:.1f} s", flush=True)
 

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from confluent_kafka import Consumer, Producer
 
-from bench.ingest import RESULTS, create_topic, machine, replace_table
-from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
+from bench.ingest import RESULTS, clean_stream, create_topic, machine, replace_table
+from pipeline.loadgen import Expected, default_now, generate, publish
 from pipeline.settings import REPO_ROOT
 from pipeline.testing import isolated_settings
 from pipeline.topics import create_topics, delete_topics_with_prefix
@@ -173,17 +173,7 @@ def main() -> None:
         REPO_ROOT / ".data" / "bench" / "kafka-clients", accounts=100, accounts_file=None
     )
     asyncio.run(create_topics(settings))
-    plan = LoadPlan(
-        events=EVENTS,
-        accounts=100,
-        batch_size=EVENTS_PER_MESSAGE,
-        bad_fraction=0,
-        duplicate_fraction=0,
-        wrong_key_fraction=0,
-        seed=11,
-        ordered_time=True,
-        time_span_s=900,
-    )
+    plan = clean_stream(EVENTS, 100, EVENTS_PER_MESSAGE, seed=11, span_s=900)  # bench/meter's batch data
     sent, seconds = asyncio.run(publish(settings, generate(plan, default_now(), Expected()), chunk=5_000))
     print(f"published {sent:,} events in {seconds:.1f} s", flush=True)
     hops: dict[str, Callable[[str, str, str], Measure]] = {

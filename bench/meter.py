@@ -33,8 +33,8 @@ import psycopg
 from sqlalchemy import create_engine
 
 from agents.window import AccountPlan, usage_of
-from bench.ingest import bare_consumer, machine, replace_table, run_benches
-from pipeline.loadgen import Expected, LoadPlan, Message, account_ids, default_now, generate, publish
+from bench.ingest import bare_consumer, clean_stream, machine, replace_table, run_benches
+from pipeline.loadgen import Expected, Message, account_ids, default_now, generate, publish
 from pipeline.oracle import store_plans, tier_plans
 from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
@@ -163,17 +163,7 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
     # The data ends 3 minutes ago, so the closing events (+370 s) stay within ingest's 5-minute
     # tolerance for future times.
     now = default_now() - timedelta(minutes=3)
-    plan = LoadPlan(
-        events=events,
-        accounts=ACCOUNTS,
-        batch_size=batch_size,
-        bad_fraction=0,
-        duplicate_fraction=0,
-        wrong_key_fraction=0,
-        seed=11,
-        ordered_time=True,
-        time_span_s=span,
-    )
+    plan = clean_stream(events, ACCOUNTS, batch_size, seed=11, span_s=span)
     messages = list(generate(plan, now, Expected()))
     rows = expected_rows(messages, plans)
     cutoff = now + timedelta(minutes=1)  # every data window starts before this; no closing one does
