@@ -1,8 +1,8 @@
-"""Dedupe: the first step of the meter, ``usage.valid`` -> ``usage.accepted`` (pure core).
+"""Dedupe: the meter's step after ingest, validated events -> accepted ones (pure core).
 
-An event's identity is (source, id) (DESIGN.md "Identity"). Ingest already routed every event by
-account, so all events of an account, and so every repeat of one (source, id) sent for that
-account, reach the same partition, in order. Per event:
+An event's identity is (source, id) (DESIGN.md "Identity"). Every event of an account, and so
+every repeat of one (source, id) sent for that account, is deduped by the meter task of the
+account's partition (ingest forwards events that came in on another partition). Per event:
 
 1. take the identity and fingerprint ingest computed (``schemas.events.ValidRecord``: xxh3-128
    of the normalized event, so equal payloads match whatever spacing, key order or UTC offset the
@@ -20,12 +20,12 @@ the consumed offsets in one Kafka transaction, and only then applies the marks t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
-from schemas.events import cut_by_size, valid_decoder
+from schemas.events import ValidRecord, cut_by_size
 from schemas.rejections import Reason, Rejection, Stage
 
 # A changelog record is cut at about this size (Kafka's default max.message.bytes is 1 MiB).
@@ -44,23 +44,15 @@ class DedupeResult:
     marks: dict[bytes, bytes] = field(default_factory=dict)
 
 
-def dedupe_message(
-    value: bytes | None,
-    origin: str,
+def dedupe_records(
+    records: Sequence[ValidRecord],
+    origins: Sequence[str],
     lookup: Callable[[bytes], bytes | None],
     result: DedupeResult,
 ) -> None:
-    """Dedupe one ``usage.valid`` message (records written by ingest) into ``result``.
-
-    ``lookup`` reads the committed marks (the partition store). Malformed input cannot come from
-    ingest, but a foreign producer could write anything to the topic: it is rejected, never raised.
-    """
-    try:
-        records = valid_decoder.decode(value or b"")
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-        detail = f"not a usage.valid message (msgpack records): {exc}"
-        result.rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, value or b"", origin))
-        return
+    """Dedupe the records ingest made of one poll's events for this partition into ``result``;
+    ``origins`` names each one's Kafka record. ``lookup`` reads the committed marks (the
+    partition store)."""
     pending = result.marks
     accepted = result.accepted
     for index, (key, print_, raw) in enumerate(records):
@@ -75,7 +67,7 @@ def dedupe_message(
         else:
             source, _, event_id = key.decode(errors="replace").partition("\x00")
             detail = f"(source, id) = ({source!r}, {event_id!r}) was seen before with a different payload"
-            result.rejected.append(_reject(Reason.ID_CONFLICT, detail, raw, f"{origin}#{index}"))
+            result.rejected.append(_reject(Reason.ID_CONFLICT, detail, raw, origins[index]))
 
 
 def encode_marks(marks: dict[bytes, bytes], limit: int = MARKS_RECORD_BYTES) -> list[bytes]:

@@ -29,8 +29,7 @@ _json = msgspec.json.Encoder()
 def stage_groups(settings: Settings) -> dict[str, list[str]]:
     """Every stage's consumer group, with the topics it reads."""
     inputs = {
-        "ingest": [settings.topic_raw],
-        "meter": [settings.topic_valid],
+        "meter": [settings.topic_raw],
         "ledger": [settings.topic_charges],
         "analytics": [settings.topic_accepted, settings.topic_charges, settings.topic_rejected],
     }

@@ -1,8 +1,8 @@
-"""Ingest: the stateless first stage, ``usage.raw`` -> ``usage.valid`` | ``usage.rejected``.
+"""Ingest: the meter stage's first step, raw usage -> validated, routed events | rejections.
 
-``IngestCore`` is the pure core (no I/O, no clock reads: the caller passes ``now``). ``IngestStage``
-at the end is its shell for the exactly-once loop in ``pipeline.transactional``, which hands it each
-poll's records per partition and commits everything one poll produced in one transaction.
+``IngestCore`` is a pure core (no I/O, no clock reads: the caller passes ``now``). The meter stage
+(``agents.meter``) runs it on each poll of a ``usage.raw`` partition: it meters the events routed
+to that same partition and forwards the others to their account's partition of ``usage.raw``.
 
 Per event, in order:
 1. size: a message above ``max_message_bytes`` or an event above ``max_event_bytes`` -> ``oversized``;
@@ -15,8 +15,8 @@ Per event, in order:
    subject a known account when an account list is configured;
 5. normalize: time to UTC, decimals as strings, canonical field order (one encoding per event,
    so equal payloads are equal bytes), then route by ``murmur2(subject)`` - Kafka's default
-   partitioner - to the ``usage.valid`` partition that every keyed stage after this one reads, as
-   a record [identity, fingerprint, event] (``schemas.events.ValidRecord``).
+   partitioner, the one producers key ``usage.raw`` with - to the partition whose meter owns the
+   account, as a record [identity, fingerprint, event] (``schemas.events.ValidRecord``).
 
 A bad event in a batch rejects only that event. Nothing here raises on input.
 """
@@ -33,15 +33,11 @@ from itertools import repeat
 import msgspec
 import xxhash
 from aiokafka.partitioner import murmur2
-from aiokafka.structs import ConsumerRecord
 
 from pipeline.settings import Settings
-from pipeline.transactional import Outcome, Outgoing, StatelessTask
+from pipeline.transactional import Outgoing
 from schemas.events import (
-    FINGERPRINT_BYTES,
     MAX_BATCH_BYTES,
-    VALID_CONTENT_TYPE,
-    VALID_RECORD_OVERHEAD,
     GpuUsageEvent,
     SessionStartedEvent,
     StorageUsageEvent,
@@ -52,16 +48,14 @@ from schemas.events import (
     cut_by_size,
     encoder,
     event_decoder,
-    valid_encoder,
 )
-from schemas.rejections import Reason, Rejection, Stage, rejection_counters
+from schemas.rejections import Reason, Rejection, Stage
 
 log = logging.getLogger(__name__)
 
 # Largest decimal quantity accepted in one event (10^15 GB or W is a producer bug, not usage).
 MAX_QUANTITY = Decimal(10) ** 15
 _ZERO = Decimal(0)
-VALID_HEADERS = [("content-type", VALID_CONTENT_TYPE)]
 # Partition numbers cached per account; cleared when it grows past this (bounded memory).
 PARTITION_CACHE_SIZE = 1_000_000
 
@@ -84,10 +78,11 @@ class PartitionedBatches:
 
     partitions: int
     max_message_bytes: int = MAX_BATCH_BYTES
-    _records: dict[int, tuple[list[ValidRecord], list[int]]] = field(default_factory=dict)
+    # partition -> (records, their encoded sizes, the origin of each: its Kafka record)
+    _records: dict[int, tuple[list[ValidRecord], list[int], list[str]]] = field(default_factory=dict)
     count: int = 0
 
-    def add(self, events: Sequence[UsageEvent], partition_of: Partitioner) -> None:
+    def add(self, events: Sequence[UsageEvent], partition_of: Partitioner, origin: str) -> None:
         """Add validated events: time to UTC, one canonical encoding each, routed by subject, as
         the records dedupe reads: [identity, fingerprint, event]. One loop with everything bound
         to locals: a method call per event cost ~0.3 us more here."""
@@ -105,14 +100,21 @@ class PartitionedBatches:
                 partition = partition_of(event.subject)
             pending = records.get(partition)
             if pending is None:
-                pending = records[partition] = ([], [])
+                pending = records[partition] = ([], [], [])
             pending[0].append((key, digest(body), body))  # digest: schemas.events.fingerprint
-            pending[1].append(len(body) + len(key) + FINGERPRINT_BYTES + VALID_RECORD_OVERHEAD)
+            pending[1].append(len(body) + 1)  # its share of a CloudEvents batch: the event and a comma
+            pending[2].append(origin)
         self.count += len(events)
 
+    def take(self, partition: int) -> tuple[list[ValidRecord], list[str]]:
+        """Remove and return one partition's records (and their origins): the meter's own."""
+        records, _, origins = self._records.pop(partition, ([], [], []))
+        return records, origins
+
     def messages(self) -> Iterator[tuple[int, Sequence[ValidRecord]]]:
-        """(partition, records) per output message, each under ``max_message_bytes`` encoded."""
-        for partition, (records, sizes) in self._records.items():
+        """(partition, records) per message forwarding them, each under ``max_message_bytes`` as
+        a CloudEvents batch."""
+        for partition, (records, sizes, _) in self._records.items():
             for chunk in cut_by_size(records, self.max_message_bytes, sizes):
                 yield partition, chunk
 
@@ -169,7 +171,7 @@ class IngestCore:
             value
             and value[:1] == b"["
             and len(value) <= policy.max_event_bytes
-            and self._whole_batch(value, result)
+            and self._whole_batch(value, origin, result)
         ):
             return
         split = _split(value, origin, policy.max_message_bytes, result)
@@ -203,13 +205,13 @@ class IngestCore:
                 if problem is not None:
                     rejected.append(_reject(problem[0], problem[1], raw, origin, where))
                     continue
-                add((event,), partition_of)
+                add((event,), partition_of, origin)
             except Exception as exc:  # last line of defence: a poison event must not crash-loop the worker
                 log.exception("ingest: unexpected error on %s#%s; dead-lettered", origin, where)
                 detail = f"could not be processed: {exc!r}"
                 rejected.append(_reject(Reason.SCHEMA_VIOLATION, detail, raw, origin, where))
 
-    def _whole_batch(self, value: bytes, result: IngestResult) -> bool:
+    def _whole_batch(self, value: bytes, origin: str, result: IngestResult) -> bool:
         """Fast path for a clean batch no larger than one event may be (so no event in it can be
         oversized): decode the whole array in one msgspec call (~0.3 us per event less than
         splitting and decoding each, measured here). ``False`` - nothing added - as soon as any
@@ -224,7 +226,7 @@ class IngestCore:
             and not policy.known_accounts.issuperset(event.subject for event in events)
         ):
             return False
-        result.accepted.add(events, self.partitioner)
+        result.accepted.add(events, self.partitioner, origin)
         return True
 
 
@@ -356,58 +358,16 @@ def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
     return Reason.SCHEMA_VIOLATION, f"{name} is {value}, must be <= {MAX_QUANTITY}{where}"
 
 
-# The shell: adapts the core to the exactly-once loop (pipeline.transactional) -----------------
-
-
-class IngestTask(StatelessTask):
-    """Ingest for one ``usage.raw`` partition; stateless, so ``committed`` has nothing to do."""
-
-    def __init__(
-        self, core: IngestCore, input_topic: str, output_topic: str, rejected_topic: str, partition: int
-    ):
-        self.core = core
-        self.output_topic = output_topic
-        self.rejected_topic = rejected_topic
-        self.origin_prefix = f"{input_topic}/{partition}/"
-
-    def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome:
-        result = self.core.new_result(now)
-        prefix = self.origin_prefix
-        for record in records:
-            self.core.process(record.value, f"{prefix}{record.offset}", result)
-        messages = [
-            Outgoing(
-                self.output_topic, valid_encoder.encode(chunk), partition=partition, headers=VALID_HEADERS
-            )
-            for partition, chunk in result.accepted.messages()
-        ]
-        messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
-        counters = {
-            "records": len(records),
-            "accepted": result.accepted.count,
-            **rejection_counters(result.rejected),
-        }
-        return Outcome(messages, counters=counters)
-
-
-class IngestStage:
-    name = "ingest"
-
-    def __init__(self, settings: Settings) -> None:
-        self.input_topic = settings.topic_raw
-        self.settings = settings
-        policy = IngestPolicy(
-            max_message_bytes=settings.max_message_bytes,
-            max_event_bytes=settings.max_event_bytes,
-            future_tolerance=settings.future_tolerance,
-            horizon=settings.dedupe_horizon,
-            known_accounts=settings.known_accounts(),
-        )
-        self.core = IngestCore(policy, Partitioner(settings.partitions))
-
-    async def open_task(self, partition: int) -> IngestTask:
-        s = self.settings
-        return IngestTask(self.core, s.topic_raw, s.topic_valid, s.topic_rejected, partition)
+def ingest_core(settings: Settings) -> IngestCore:
+    """The core as the settings configure it (one per worker: its partition cache is shared)."""
+    policy = IngestPolicy(
+        max_message_bytes=settings.max_message_bytes,
+        max_event_bytes=settings.max_event_bytes,
+        future_tolerance=settings.future_tolerance,
+        horizon=settings.dedupe_horizon,
+        known_accounts=settings.known_accounts(),
+    )
+    return IngestCore(policy, Partitioner(settings.partitions))
 
 
 def rejection_message(topic: str, rejection: Rejection) -> Outgoing:

@@ -124,7 +124,7 @@ def load_the_rest(sink: ClickHouseSink, end: datetime) -> None:
         for n in range(100_000)
     ]
     sink.insert("rejections", [_json.encode(rejections)], "bench:rejections")
-    groups = [("tally-ingest", "usage.raw"), ("tally-meter", "usage.valid"), ("tally-ledger", "charges")]
+    groups = [("tally-meter", "usage.raw"), ("tally-ledger", "charges")]
     lag = [
         {
             "time": (end - timedelta(seconds=15 * k)).isoformat(),

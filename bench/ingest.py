@@ -140,7 +140,7 @@ def clean_stream(events: int, accounts: int, batch_size: int, *, seed: int, span
 def run_shape(shape: str, work: Path) -> dict[str, Any]:
     batch_size, events, span = SHAPES[shape]
     # The stages up to usage.accepted (bench/meter measures the ledger, bench/analytics ClickHouse).
-    settings = isolated_settings(work / shape, accounts=1000, accounts_file=None, stages="ingest,meter")
+    settings = isolated_settings(work / shape, accounts=1000, accounts_file=None, stages="meter")
     expected = Expected()
     plan = clean_stream(events, 1000, batch_size, seed=7, span_s=span)
     sent, seconds = asyncio.run(publish(settings, generate(plan, default_now(), expected), chunk=5_000))
@@ -154,7 +154,6 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
         run = settings.model_copy(
             update={
                 "app_id": f"{settings.app_id}-r{repeat}",
-                "topic_valid": f"{settings.topic_valid}.r{repeat}",
                 "topic_accepted": f"{settings.topic_accepted}.r{repeat}",
                 "topic_rejected": f"{settings.topic_rejected}.r{repeat}",
             }

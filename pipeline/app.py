@@ -1,10 +1,9 @@
 """The Faust app factory: ``tally worker`` runs this app.
 
-The stateless ingest stage and the dedupe stage run as services inside the Faust app on aiokafka
-directly (DESIGN.md throughput rule 4, and docs/ARCHITECTURE.md for why dedupe does too): Faust's
-per-message path costs ~75 us and its tables write one changelog record per assignment, where these
-stages need one transaction and one changelog record per poll. Faust agents join this app for the
-windowed stages that follow (issue 4); they read batch messages only.
+The money path's stages (the meter: ingest, dedupe, windows, rating; the ledger) run as services
+inside the Faust app on aiokafka directly (DESIGN.md throughput rule 4, and docs/ARCHITECTURE.md
+for why): Faust's per-message path costs ~75 us and its tables write one changelog record per
+assignment, where these stages need one transaction and one changelog record per poll.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from clickhouse_connect.driver.client import Client
 from mode import Service
 
 from agents.analytics import AnalyticsAgent
-from agents.ingest import IngestStage
 from agents.ledger import LedgerStage
 from agents.meter import MeterStage
 from pipeline.settings import Settings
@@ -160,7 +158,7 @@ class AnalyticsService(Service):
 
 
 def stages(settings: Settings) -> list[Stage]:
-    return [IngestStage(settings), MeterStage(settings), LedgerStage(settings)]
+    return [MeterStage(settings), LedgerStage(settings)]
 
 
 def create_app(settings: Settings) -> faust.App:

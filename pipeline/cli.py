@@ -85,7 +85,7 @@ def db_upgrade() -> None:
 
 @app.command()
 def worker(loglevel: Annotated[str, typer.Option(help="Log level.")] = "info") -> None:
-    """Run a worker: the Faust app with its stages (ingest, meter, ledger, analytics; TALLY_STAGES)."""
+    """Run a worker: the Faust app with its stages (meter, ledger, analytics; TALLY_STAGES)."""
     import faust
 
     from pipeline.app import create_app

@@ -52,8 +52,8 @@ async def run_demo(settings: Settings, *, events: int, accounts: int, console: C
 
     worker = Worker(run, "demo-worker").start()
     assert worker.process is not None
-    # Ready when the three stages (ingest, meter, ledger) hold every partition.
-    await asyncio.to_thread(worker.wait_for_log, "took partition", 120, 3 * run.partitions)
+    # Ready when the money path's two stages (meter, ledger) hold every partition.
+    await asyncio.to_thread(worker.wait_for_log, "took partition", 120, 2 * run.partitions)
     console.print(f"worker started and ready (pid {worker.process.pid}), log {worker.log_path}")
     expected = Expected()
     messages: list[Message] = []

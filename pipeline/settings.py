@@ -33,7 +33,7 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-STAGES = ("ingest", "meter", "ledger", "analytics")
+STAGES = ("meter", "ledger", "analytics")
 
 
 class Settings(BaseSettings):
@@ -62,7 +62,6 @@ class Settings(BaseSettings):
 
     # Topics (DESIGN.md data flow).
     topic_raw: str = "usage.raw"
-    topic_valid: str = "usage.valid"
     topic_accepted: str = "usage.accepted"
     topic_rejected: str = "usage.rejected"
     topic_charges: str = "charges"
@@ -166,7 +165,7 @@ class Settings(BaseSettings):
             raise ValueError(f"expected chdb:///path or http(s)://host:port, got {mask_url(value)!r}")
         return value
 
-    @field_validator("topic_raw", "topic_valid", "topic_accepted", "topic_rejected", "topic_charges")
+    @field_validator("topic_raw", "topic_accepted", "topic_rejected", "topic_charges")
     @classmethod
     def _topic(cls, value: str) -> str:
         if not _TOPIC_NAME.match(value):
@@ -220,12 +219,11 @@ class Settings(BaseSettings):
             )
         topics = {
             self.topic_raw,
-            self.topic_valid,
             self.topic_accepted,
             self.topic_rejected,
             self.topic_charges,
         }
-        if len(topics) != 5:
+        if len(topics) != 4:
             problems.append("the topics must have distinct names")
         if problems:
             raise ValueError("; ".join(problems))

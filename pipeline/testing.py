@@ -63,7 +63,6 @@ def isolated_settings(
         "kafka_url": base.kafka_url,
         "app_id": f"{run}",
         "topic_raw": f"{run}.usage.raw",
-        "topic_valid": f"{run}.usage.valid",
         "topic_accepted": f"{run}.usage.accepted",
         "topic_rejected": f"{run}.usage.rejected",
         "topic_charges": f"{run}.charges",

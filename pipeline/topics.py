@@ -1,8 +1,8 @@
 """Topic declarations (DESIGN.md data flow) and ``tally topics create``.
 
-Every topic has the same partition count: ingest routes by ``murmur2(account) % partitions``, and
-each keyed stage writes its output to the same partition number it read, so one account's events
-stay on one partition number all the way down.
+Every topic has the same partition count: producers key and ingest routes by
+``murmur2(account) % partitions``, and each keyed stage writes its output to the same partition
+number it read, so one account's events stay on one partition number all the way down.
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ def declared_topics(settings: Settings) -> list[TopicSpec]:
             settings.topic_raw,
             "raw usage from producers, any key, single or batch",
             {"retention.ms": str(7 * DAY_MS), "max.message.bytes": str(MAX_RAW_MESSAGE_BYTES)},
-        ),
-        TopicSpec(
-            settings.topic_valid,
-            "validated events as msgpack records [identity, fingerprint, event], per murmur2(account)",
-            {"retention.ms": str(7 * DAY_MS)},
         ),
         TopicSpec(
             settings.topic_accepted,

@@ -109,7 +109,7 @@ class PartitionTask(Protocol):
 
 
 class StatelessTask:
-    """Base of tasks that keep no local state and have no work without input (ingest, ledger):
+    """Base of tasks that keep no local state and have no work without input (the ledger):
     nothing to apply after a commit, no tick, nothing to close."""
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:

@@ -156,8 +156,8 @@ REJECTIONS = [
 ]
 
 LAG = [
-    {"time": at(10, 20), "consumer_group": "tally-meter", "topic": "usage.valid", "lag": 40},
-    {"time": at(10, 20, 15), "consumer_group": "tally-meter", "topic": "usage.valid", "lag": 10},
+    {"time": at(10, 20), "consumer_group": "tally-meter", "topic": "usage.raw", "lag": 40},
+    {"time": at(10, 20, 15), "consumer_group": "tally-meter", "topic": "usage.raw", "lag": 10},
     {"time": at(10, 20), "consumer_group": "tally-ledger", "topic": "charges", "lag": 3},
 ]
 # acct-a is below its threshold, acct-b within 25% above it, acct-c well above (not shown).

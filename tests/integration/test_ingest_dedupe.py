@@ -54,6 +54,7 @@ def test_exact_counts_for_every_shape_and_every_reason(tmp_path: Path) -> None:
     finally:
         worker.stop()
     expected.merge(foreign_expected)
+    forwarded = asyncio.run(forwarded_events(settings))
 
     assert expected.events == 20_000
     assert set(expected.rejected) == {r.value for r in Reason}, "the load covers every reason code"
@@ -66,6 +67,45 @@ def test_exact_counts_for_every_shape_and_every_reason(tmp_path: Path) -> None:
     assert outputs.rejected == expected.rejected
     assert outputs.misrouted == 0, "accepted events must sit on murmur2(account)'s partition"
     assert expected.events - outputs.total == expected.duplicates
+    # Events sent under another key or none were forwarded, normalized, to their account's
+    # partition of usage.raw, once each, and accepted there.
+    partition_of = Partitioner(settings.partitions)
+    assert len(forwarded) >= 1_000, "the foreign producer's unkeyed events alone are 1,000"
+    assert all(partition_of(subject) == to != came_from for _, subject, came_from, to in forwarded)
+    identities = [identity for identity, _, _, _ in forwarded]
+    assert len(set(identities)) == len(identities)
+    assert set(identities) <= expected.accepted
+
+
+async def forwarded_events(settings: Settings) -> list[tuple[tuple[str, str], str, int, int]]:
+    """Every event the meter forwarded within usage.raw: ((source, id), subject, from, to)."""
+    consumer = AIOKafkaConsumer(
+        settings.topic_raw,
+        bootstrap_servers=settings.kafka_bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        found: list[tuple[tuple[str, str], str, int, int]] = []
+        idle = 0
+        while idle < 5:
+            batches = await consumer.getmany(timeout_ms=500)
+            idle = 0 if batches else idle + 1
+            for tp, records in batches.items():
+                for record in records:
+                    headers = dict(record.headers)
+                    if "tally.forwarded-from" not in headers:
+                        continue
+                    came_from = int(headers["tally.forwarded-from"].rsplit(b"/", 1)[1])
+                    found.extend(
+                        ((e["source"], e["id"]), e["subject"], came_from, tp.partition)
+                        for e in msgspec.json.decode(record.value or b"")
+                    )
+        return found
+    finally:
+        await consumer.stop()
 
 
 def test_dead_letters_keep_the_original_bytes_and_say_why(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.ingest import IngestCore, IngestPolicy, IngestResult, PartitionedBatches, Partitioner
-from schemas.events import event_decoder, fingerprint, identity_key, valid_decoder, valid_encoder
+from schemas.events import encode_batch, event_decoder, fingerprint, identity_key
 from schemas.rejections import Reason
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -183,10 +183,10 @@ def test_events_are_routed_by_account_with_kafkas_partitioner() -> None:
 def test_output_messages_are_cut_at_the_size_limit() -> None:
     batches = PartitionedBatches(partitions=1, max_message_bytes=1000)
     events = [event_decoder.decode(enc(api_event(id=f"id-{i:02d}"))) for i in range(25)]
-    batches.add(events, Partitioner(1))
-    messages = [valid_encoder.encode(records) for _, records in batches.messages()]
+    batches.add(events, Partitioner(1), "usage.raw/0/0")
+    messages = [encode_batch([body for _, _, body in records]) for _, records in batches.messages()]
     assert all(len(m) <= 1000 for m in messages)
-    decoded = [record for m in messages for record in valid_decoder.decode(m)]
+    decoded = [record for _, records in batches.messages() for record in records]
     assert [key for key, _, _ in decoded] == [
         identity_key("node-agent/eu-1", f"id-{i:02d}") for i in range(25)
     ]

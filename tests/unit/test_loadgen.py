@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from agents.dedupe import DedupeResult, dedupe_message
+from agents.dedupe import DedupeResult, dedupe_records
 from agents.ingest import IngestCore, IngestPolicy, Partitioner
 from agents.window import AccountPlan, UnpricedError, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, account_ids, generate
 from pipeline.settings import REPO_ROOT
-from schemas.events import metered_decoder, valid_encoder
+from schemas.events import metered_decoder
 from schemas.pricebook import load_price_book
 from schemas.rejections import Reason
 
@@ -36,8 +36,8 @@ def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int
     rejected = Counter(r.reason.value for r in ingested.rejected)
     deduped = DedupeResult()
     committed: dict[bytes, bytes] = {}
-    for partition, events in ingested.accepted.messages():
-        dedupe_message(valid_encoder.encode(events), f"valid/{partition}/0", committed.get, deduped)
+    for _, events in ingested.accepted.messages():
+        dedupe_records(events, ["raw/0/0"] * len(events), committed.get, deduped)
     rejected.update(r.reason.value for r in deduped.rejected)
     nothing_stored: dict[bytes, bytes] = {}
     windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), nothing_stored.get, {}, 0)
