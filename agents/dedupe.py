@@ -37,7 +37,7 @@ marks_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
 
 @dataclass(slots=True)
 class DedupeResult:
-    accepted: list[bytes] = field(default_factory=list)
+    accepted: list[ValidRecord] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     duplicates: int = 0
     # identity -> fingerprint, first sighting in this transaction; insertion-ordered.
@@ -55,13 +55,14 @@ def dedupe_records(
     partition store)."""
     pending = result.marks
     accepted = result.accepted
-    for index, (key, print_, raw) in enumerate(records):
+    for index, record in enumerate(records):
+        key, print_, raw, _ = record
         seen = pending.get(key)
         if seen is None:
             seen = lookup(key)
         if seen is None:
             pending[key] = print_
-            accepted.append(raw)
+            accepted.append(record)
         elif seen == print_:
             result.duplicates += 1
         else:

@@ -101,7 +101,7 @@ class PartitionedBatches:
             pending = records.get(partition)
             if pending is None:
                 pending = records[partition] = ([], [], [])
-            pending[0].append((key, digest(body), body))  # digest: schemas.events.fingerprint
+            pending[0].append((key, digest(body), body, event))  # digest: schemas.events.fingerprint
             pending[1].append(len(body) + 1)  # its share of a CloudEvents batch: the event and a comma
             pending[2].append(origin)
         self.count += len(events)

@@ -48,12 +48,12 @@ from agents.rating import (
 )
 from schemas.charges import Charge, charge_id
 from schemas.events import (
-    MeteredApi,
-    MeteredEvent,
-    MeteredGpu,
-    MeteredSessionEnded,
-    MeteredSessionStarted,
-    MeteredStorage,
+    ApiRequestEvent,
+    GpuUsageEvent,
+    SessionEndedEvent,
+    SessionStartedEvent,
+    StorageUsageEvent,
+    UsageEvent,
 )
 from schemas.pricebook import PriceBook, PriceBookVersion
 
@@ -190,7 +190,7 @@ class Windows:
 
     # Adding usage ---------------------------------------------------------------------------
 
-    def add(self, event: MeteredEvent) -> None:
+    def add(self, event: UsageEvent) -> None:
         """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
         the event is added). Called once per event: helpers are inlined and the price-book version
         of the previous event's window is reused (~1 us per event less than a call each, here)."""
@@ -208,7 +208,7 @@ class Windows:
         else:
             version = self._version(plan.book, start)
             self._last_version = (plan.book, start, version)
-        if type(event) is MeteredSessionStarted or type(event) is MeteredSessionEnded:
+        if type(event) is SessionStartedEvent or type(event) is SessionEndedEvent:
             joined = self._join_session(event, plan, version)
             if joined is None:
                 parts: list[Part] = []
@@ -238,7 +238,7 @@ class Windows:
             self.watermark = int(moment)
 
     def _join_session(
-        self, event: MeteredSessionStarted | MeteredSessionEnded, plan: AccountPlan, version: PriceBookVersion
+        self, event: SessionStartedEvent | SessionEndedEvent, plan: AccountPlan, version: PriceBookVersion
     ) -> tuple[int, list[Part]] | None:
         """Seed 002's compute sessions: the start (resource tier) and the end (duration) may come
         in either order; the first one seen waits in state (``SESSION`` keys, written with the
@@ -249,7 +249,7 @@ class Windows:
         raw = (raw or None) if raw is not None else self.read(key)
         seen = _session_decoder.decode(raw) if raw else SessionSide()
         at = int(event.time.timestamp())
-        if isinstance(event, MeteredSessionStarted):
+        if isinstance(event, SessionStartedEvent):
             tier = event.data.resource_tier
             user_type = plan.compute_user_type
             if tier and user_type and tier not in version.compute_per_hour.get(user_type, {}):
@@ -459,9 +459,9 @@ def _product_meter(product_id: str) -> str:
     return f"product:{product_id}"
 
 
-def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
+def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
     """The metered parts of one event: what it adds to which window (pure)."""
-    if isinstance(event, MeteredGpu):
+    if isinstance(event, GpuUsageEvent):
         gpu = event.data
         rates = version.gpu
         if rates is None or gpu.gpu_model not in rates.base_rate_per_hour:
@@ -474,7 +474,7 @@ def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, 
         seconds = Decimal(billable_seconds(gpu.interval_seconds, rates) * gpu.gpu_count)
         dims = (("gpu_model", gpu.gpu_model), ("provider_id", gpu.provider_id))
         return [("gpu", dims, seconds, seconds * hourly, "gpu_hour", gpu.provider_id)]
-    if isinstance(event, MeteredApi):
+    if isinstance(event, ApiRequestEvent):
         api = event.data
         parts: list[Part] = []
         if plan.api_tier is not None:
@@ -489,7 +489,7 @@ def usage_of(event: MeteredEvent, plan: AccountPlan, version: PriceBookVersion, 
         # Neither: the request is usage (analytics count it) that this account's plan does not
         # charge for, as a free tier's endpoints are.
         return parts
-    if isinstance(event, MeteredStorage):
+    if isinstance(event, StorageUsageEvent):
         held = event.data
         per_gb_month = version.storage_per_gb_month.get(held.storage_kind)
         if per_gb_month is None:

@@ -40,7 +40,7 @@ from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_database, isolated_settings
 from pipeline.topics import create_topics, delete_topics_with_prefix
-from schemas.events import metered_decoder
+from schemas.events import event_decoder
 from schemas.pricebook import load_price_book
 from sinks.postgres import sqlalchemy_url
 
@@ -92,7 +92,7 @@ def expected_rows(messages: list[Message], plans: dict[str, str | None]) -> int:
     for message in messages:
         raw = msgspec.json.decode(message.value)
         for item in raw if isinstance(raw, list) else [raw]:
-            event = metered_decoder.decode(msgspec.json.encode(item))
+            event = event_decoder.decode(msgspec.json.encode(item))
             start = int(event.time.timestamp()) // 60 * 60
             plan = AccountPlan(book, plans[event.subject])
             for meter, dims, *_ in usage_of(event, plan, book.version_at(event.time), start):

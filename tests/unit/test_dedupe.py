@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from agents.dedupe import DedupeResult, decode_marks, dedupe_records, encode_marks
-from schemas.events import ValidRecord, fingerprint, identity_key
+from schemas.events import ValidRecord, event_decoder, fingerprint, identity_key
 from schemas.rejections import Reason
 from sinks.statestore import PartitionStore
 
@@ -36,18 +36,23 @@ def run(*messages: list[bytes], committed: dict[bytes, bytes] | None = None) -> 
     return result
 
 
+def bodies(result: DedupeResult) -> list[bytes]:
+    return [raw for _, _, raw, _ in result.accepted]
+
+
 def valid_records(events: list[bytes]) -> list[ValidRecord]:
     """The records ingest hands dedupe for these (normalized) events."""
     records = []
     for raw in events:
         parsed = msgspec.json.decode(raw)
-        records.append((identity_key(parsed["source"], parsed["id"]), fingerprint(raw), raw))
+        key = identity_key(parsed["source"], parsed["id"])
+        records.append((key, fingerprint(raw), raw, event_decoder.decode(raw)))
     return records
 
 
 def test_first_sighting_is_accepted_and_marked() -> None:
     result = run([event("a"), event("b")])
-    assert result.accepted == [event("a"), event("b")]
+    assert bodies(result) == [event("a"), event("b")]
     assert result.marks == {
         identity_key("src", "a"): fingerprint(event("a")),
         identity_key("src", "b"): fingerprint(event("b")),
@@ -56,7 +61,7 @@ def test_first_sighting_is_accepted_and_marked() -> None:
 
 def test_repeat_within_the_transaction_is_a_duplicate() -> None:
     result = run([event("a"), event("a")], [event("a")])
-    assert result.accepted == [event("a")]
+    assert bodies(result) == [event("a")]
     assert result.duplicates == 2
     assert result.rejected == []
 
@@ -64,14 +69,14 @@ def test_repeat_within_the_transaction_is_a_duplicate() -> None:
 def test_repeat_of_a_committed_mark_is_a_duplicate() -> None:
     committed = {identity_key("src", "a"): fingerprint(event("a"))}
     result = run([event("a"), event("b")], committed=committed)
-    assert result.accepted == [event("b")]
+    assert bodies(result) == [event("b")]
     assert result.duplicates == 1
 
 
 def test_same_identity_other_payload_is_a_conflict() -> None:
     committed = {identity_key("src", "a"): fingerprint(event("a"))}
     result = run([event("a", amount=5)], committed=committed)
-    assert result.accepted == []
+    assert bodies(result) == []
     assert [r.reason for r in result.rejected] == [Reason.ID_CONFLICT]
     assert result.rejected[0].original == event("a", amount=5)
     assert result.rejected[0].origin == "usage.raw/0/0"

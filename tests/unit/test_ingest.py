@@ -69,7 +69,7 @@ def run(*values: bytes | None) -> IngestResult:
 
 
 def accepted(result: IngestResult) -> list[dict[str, Any]]:
-    return [msgspec.json.decode(raw) for _, records in result.accepted.messages() for _, _, raw in records]
+    return [msgspec.json.decode(raw) for _, records in result.accepted.messages() for _, _, raw, _ in records]
 
 
 def reasons(result: IngestResult) -> list[str]:
@@ -174,7 +174,7 @@ def test_events_are_routed_by_account_with_kafkas_partitioner() -> None:
     result = run(enc([gpu_event(id=str(i), subject=f"acct-{1 + i % 2}") for i in range(10)]))
     partitioner = Partitioner(6)
     for partition, events in result.accepted.messages():
-        assert {partitioner(msgspec.json.decode(e)["subject"]) for _, _, e in events} == {partition}
+        assert {partitioner(msgspec.json.decode(e)["subject"]) for _, _, e, _ in events} == {partition}
     # Partitions Kafka's Java producer picks among 1000 for these keys (kafka-python's compatibility table).
     java = {"": 681, "a": 524, "ab": 434, "abc": 107, "123456789": 566}
     assert {key: Partitioner(1000)(key) for key in java} == java
@@ -184,13 +184,13 @@ def test_output_messages_are_cut_at_the_size_limit() -> None:
     batches = PartitionedBatches(partitions=1, max_message_bytes=1000)
     events = [event_decoder.decode(enc(api_event(id=f"id-{i:02d}"))) for i in range(25)]
     batches.add(events, Partitioner(1), "usage.raw/0/0")
-    messages = [encode_batch([body for _, _, body in records]) for _, records in batches.messages()]
+    messages = [encode_batch([body for _, _, body, _ in records]) for _, records in batches.messages()]
     assert all(len(m) <= 1000 for m in messages)
     decoded = [record for _, records in batches.messages() for record in records]
-    assert [key for key, _, _ in decoded] == [
+    assert [key for key, _, _, _ in decoded] == [
         identity_key("node-agent/eu-1", f"id-{i:02d}") for i in range(25)
     ]
-    assert all(fp == fingerprint(event) for _, fp, event in decoded)
+    assert all(fp == fingerprint(event) for _, fp, event, _ in decoded)
     assert len(messages) > 2
     assert batches.count == 25
 

@@ -10,7 +10,6 @@ from agents.ingest import IngestCore, IngestPolicy, Partitioner
 from agents.window import AccountPlan, UnpricedError, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, account_ids, generate
 from pipeline.settings import REPO_ROOT
-from schemas.events import metered_decoder
 from schemas.pricebook import load_price_book
 from schemas.rejections import Reason
 
@@ -42,9 +41,9 @@ def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int
     nothing_stored: dict[bytes, bytes] = {}
     windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), nothing_stored.get, {}, 0)
     accepted = 0
-    for raw in deduped.accepted:
+    for _, _, _, event in deduped.accepted:
         try:
-            windows.add(metered_decoder.decode(raw))
+            windows.add(event)
             accepted += 1
         except UnpricedError:
             rejected[Reason.UNPRICED.value] += 1

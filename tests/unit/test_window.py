@@ -28,7 +28,7 @@ from agents.window import (
     decode_key,
 )
 from schemas.charges import Charge, charge_id
-from schemas.events import MeteredApi, MeteredEvent, MeteredGpu, event_decoder, metered_decoder
+from schemas.events import ApiRequestEvent, GpuUsageEvent, UsageEvent, event_decoder
 from schemas.pricebook import load_price_book, parse_price_book
 
 BOOK = load_price_book(Path(__file__).resolve().parents[2] / "schemas" / "pricebooks" / "default.yaml")
@@ -43,7 +43,7 @@ def plan_of(account: str) -> AccountPlan:
     return PLANS.get(account, AccountPlan(BOOK))
 
 
-def event(kind: str, at: datetime, account: str = "acct-1", serial: int = 0, **data: Any) -> MeteredEvent:
+def event(kind: str, at: datetime, account: str = "acct-1", serial: int = 0, **data: Any) -> UsageEvent:
     payloads: dict[str, dict[str, Any]] = {
         "gpu.usage.v1": {
             "session_id": "s1",
@@ -75,9 +75,7 @@ def event(kind: str, at: datetime, account: str = "acct-1", serial: int = 0, **d
         "subject": account,
         "data": {**payloads[kind], **data},
     }
-    raw = msgspec.json.encode(envelope)
-    event_decoder.decode(raw)  # a valid event, as ingest would have accepted it
-    return metered_decoder.decode(raw)
+    return event_decoder.decode(msgspec.json.encode(envelope))  # validated, as ingest accepts it
 
 
 class Partition:
@@ -104,7 +102,7 @@ class Partition:
         self.charges += result.charges
         return result
 
-    def poll(self, *events: MeteredEvent, wall_clock: datetime | None = None) -> WindowResult:
+    def poll(self, *events: UsageEvent, wall_clock: datetime | None = None) -> WindowResult:
         for e in events:
             self.windows.add(e)
         clock = int(wall_clock.timestamp()) if wall_clock else None
@@ -227,15 +225,15 @@ def test_state_survives_a_restart_between_any_two_polls() -> None:
     assert sorted(c.charge_id for c in restarted.charges) == sorted(c.charge_id for c in steady.charges)
 
 
-def oracle(events: list[MeteredEvent]) -> int:
+def oracle(events: list[UsageEvent]) -> int:
     """Rated independently of windows' closing order: each GPU window's exact total rounded once,
     each product's period total priced once (the module's telescoping rule)."""
     gpu: dict[tuple[str, int], Decimal] = defaultdict(Decimal)
     tokens: Decimal = Decimal(0)
     for e in events:
-        if isinstance(e, MeteredGpu):
+        if isinstance(e, GpuUsageEvent):
             gpu[(e.subject, int(e.time.timestamp()) // 60)] += Decimal("0.60") / 60
-        elif isinstance(e, MeteredApi):
+        elif isinstance(e, ApiRequestEvent):
             tokens += e.data.tokens_in + e.data.tokens_out
     total = sum(to_base_units(amount, 6) for amount in gpu.values())
     return total + to_base_units(max(Decimal(0), tokens - 1000) * Decimal("0.0015"), 6)
