@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import cache
+from functools import cache, lru_cache
 
 import msgspec
 
@@ -46,7 +46,7 @@ from agents.rating import (
     split_platform_fee,
     to_base_units,
 )
-from schemas.charges import Charge, charge_id
+from schemas.charges import Charge, charge_id_of
 from schemas.events import (
     ApiRequestEvent,
     GpuUsageEvent,
@@ -414,7 +414,7 @@ def _charge(  # noqa: PLR0917  # one positional per column
     dimensions = dict(dims)
     window_start = _dt(start)
     return Charge(
-        charge_id=charge_id(account, meter, dimensions, window_start, revision),
+        charge_id=charge_id_of(account, meter, _dims_text(dims), _start_text(start), revision),
         account=account,
         meter=meter,
         dimensions=dimensions,
@@ -447,6 +447,17 @@ def divisor(meter: str) -> Decimal:
     if meter.startswith("compute:"):
         return SECONDS_PER_HOUR
     return _ONE
+
+
+@lru_cache(maxsize=4096)  # per (model, provider), tier or product: few, one text per charge row
+def _dims_text(dims: Dims) -> str:
+    """A window's dimensions as charge ids spell them (``schemas.charges.charge_id``)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(dims))
+
+
+@lru_cache(maxsize=4096)  # the windows a close rates share a few starts
+def _start_text(start: int) -> str:
+    return _dt(start).isoformat()
 
 
 @cache  # a handful of tiers and products: one tuple or string each, not one per event

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import uuid
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from schemas.charges import CHARGE_NAMESPACE, charge_id
 from schemas.events import EVENT_TYPES, GpuUsageEvent, cut_by_size, encode_batch, encoder, event_decoder
 from schemas.export import JSON_DIR, rendered
 
@@ -64,3 +67,22 @@ def test_cut_by_size_keeps_every_item_in_order_within_the_limit(sizes: list[int]
         assert len(encode_batch([*first, second[0]])) > limit, (
             "a chunk is cut only when the next item does not fit"
         )
+
+
+@given(
+    account=st.text(min_size=1, max_size=40),
+    meter=st.text(min_size=1, max_size=30),
+    dimensions=st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=4),
+    start=st.datetimes(timezones=st.just(UTC)),
+    revision=st.integers(min_value=0, max_value=10**6),
+)
+def test_charge_ids_are_the_rfc_4122_uuid5_of_the_window_identity(
+    account: str, meter: str, dimensions: dict[str, str], start: datetime, revision: int
+) -> None:
+    """The fast path computes exactly what uuid.uuid5 would (ids already stored must not move)."""
+    dims = ",".join(f"{k}={dimensions[k]}" for k in sorted(dimensions))
+    name = f"{account}\x1f{meter}\x1f{dims}\x1f{start.isoformat()}\x1f{revision}"
+    expected = uuid.uuid5(CHARGE_NAMESPACE, name)
+    got = charge_id(account, meter, dimensions, start, revision)
+    assert got == expected
+    assert (got.version, got.variant, str(got)) == (5, uuid.RFC_4122, str(expected))
