@@ -46,7 +46,7 @@ from agents.rating import (
     split_platform_fee,
     to_base_units,
 )
-from schemas.charges import Charge, charge_id_of
+from schemas.charges import Charge, charge_id_of, dims_text
 from schemas.events import (
     ApiRequestEvent,
     GpuUsageEvent,
@@ -451,8 +451,7 @@ def divisor(meter: str) -> Decimal:
 
 @lru_cache(maxsize=4096)  # per (model, provider), tier or product: few, one text per charge row
 def _dims_text(dims: Dims) -> str:
-    """A window's dimensions as charge ids spell them (``schemas.charges.charge_id``)."""
-    return ",".join(f"{k}={v}" for k, v in sorted(dims))
+    return dims_text(dims)
 
 
 @lru_cache(maxsize=4096)  # the windows a close rates share a few starts

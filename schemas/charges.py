@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated
 
@@ -25,8 +26,12 @@ _VERSION_5 = (5 << 76) | (0x8000 << 48)
 def charge_id(
     account: str, meter: str, dimensions: dict[str, str], window_start: datetime, revision: int
 ) -> uuid.UUID:
-    dims = ",".join(f"{k}={dimensions[k]}" for k in sorted(dimensions))
-    return charge_id_of(account, meter, dims, window_start.isoformat(), revision)
+    return charge_id_of(account, meter, dims_text(dimensions.items()), window_start.isoformat(), revision)
+
+
+def dims_text(dimensions: Iterable[tuple[str, str]]) -> str:
+    """Dimensions as charge ids spell them: ``key=value`` pairs sorted by key, comma-joined."""
+    return ",".join(f"{k}={v}" for k, v in sorted(dimensions))
 
 
 def charge_id_of(account: str, meter: str, dims: str, window_start: str, revision: int) -> uuid.UUID:
