@@ -31,6 +31,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from pipeline import kafka_frames
 from pipeline.loadgen import Expected, LoadPlan, default_now, generate, publish
 from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
@@ -66,6 +67,7 @@ def machine() -> dict[str, Any]:
 
 async def bare_consumer(settings: Settings, events: int) -> float:
     """Events/s of a bare aiokafka consumer that decodes every event of usage.raw."""
+    kafka_frames.install()  # the client as the worker runs it (pipeline.app.create_app)
     consumer = AIOKafkaConsumer(
         settings.topic_raw,
         bootstrap_servers=settings.kafka_bootstrap,

@@ -18,6 +18,7 @@ from mode import Service
 from agents.analytics import AnalyticsAgent
 from agents.ledger import LedgerStage
 from agents.meter import MeterStage
+from pipeline import kafka_frames
 from pipeline.settings import Settings
 from pipeline.transactional import Stage, TransactionalLoop
 from sinks.clickhouse import ClickHouseSink, PathLockedError, connect, endpoint_file, migrate
@@ -162,6 +163,7 @@ def stages(settings: Settings) -> list[Stage]:
 
 
 def create_app(settings: Settings) -> faust.App:
+    kafka_frames.install()  # before any connection opens: every Kafka client of the worker uses it
     faust_dir = settings.data_dir / "faust" / settings.worker_id
     faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
