@@ -91,7 +91,11 @@ def _reader_task_with_large_frames(self: AIOKafkaConnection) -> Any:
 
 def installable() -> bool:
     """Whether aiokafka and asyncio still have the hooks ``install`` relies on."""
-    reader = asyncio.StreamReader()
+    loop = asyncio.new_event_loop()  # a reader needs one; the caller may not have one yet
+    try:
+        reader = asyncio.StreamReader(loop=loop)
+    finally:
+        loop.close()
     return callable(getattr(AIOKafkaConnection, "_create_reader_task", None)) and all(
         hasattr(reader, name) for name in _READER_INTERNALS
     )

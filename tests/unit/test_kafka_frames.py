@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aiokafka.conn import AIOKafkaConnection
+
+from pipeline import kafka_frames
 from pipeline.kafka_frames import LARGE_FRAME_BYTES, LargeFrameReader
 
 # Frame sizes around the threshold and a few MiB above it; reads of 3 bytes (a frame's size split
@@ -92,3 +96,13 @@ def test_a_broken_stream_raises_its_error_mid_frame() -> None:
 
     with pytest.raises(ConnectionResetError, match="gone"):
         asyncio.run(run())
+
+
+def test_install_needs_no_event_loop_in_the_calling_thread() -> None:
+    """The worker installs before its loop exists (and uvloop's policy makes none on demand)."""
+    outcome: list[bool] = []
+    thread = threading.Thread(target=lambda: outcome.append(kafka_frames.install()))
+    thread.start()
+    thread.join()
+    assert outcome == [True]
+    assert AIOKafkaConnection._create_reader_task is kafka_frames._reader_task_with_large_frames
