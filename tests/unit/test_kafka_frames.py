@@ -9,10 +9,9 @@ import struct
 import threading
 
 import pytest
+from aiokafka.conn import AIOKafkaConnection
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from aiokafka.conn import AIOKafkaConnection
 
 from pipeline import kafka_frames
 from pipeline.kafka_frames import LARGE_FRAME_BYTES, LargeFrameReader
