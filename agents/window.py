@@ -74,6 +74,7 @@ VERSION_CACHE_SIZE = 10_000
 SECONDS_PER_MONTH = SECONDS_PER_HOUR * HOURS_PER_MONTH
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _codec = msgspec.msgpack.Encoder()
 _key_decoder = msgspec.msgpack.Decoder(tuple[str, str, list[tuple[str, str]], int])
@@ -108,7 +109,7 @@ class Tally(msgspec.Struct, array_like=True, gc=False):
     """A window's usage so far (or a closed window's totals): quantity, exact amount, unit,
     price-book version, provider; for a closed window also its last revision and what it charged."""
 
-    quantity: Decimal
+    quantity: Decimal | int  # int for counted meters (requests, tokens): an int sum is ~10x cheaper
     amount: Decimal
     unit: str
     version: str
@@ -194,12 +195,16 @@ class Windows:
         """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
         the event is added). Called once per event: helpers are inlined and the price-book version
         of the previous event's window is reused (~1 us per event less than a call each, here)."""
-        moment = event.time.timestamp()
+        # Whole seconds since the epoch, floored: ~140 ns against ~270 for ``timestamp()`` and the
+        # float floor division after it (event times are UTC, so the subtraction reads no offset).
+        # Every bound it meets is whole seconds too, so flooring decides nothing differently.
+        elapsed = event.time - _EPOCH
+        moment = elapsed.days * 86_400 + elapsed.seconds
         config = self.config
         watermark = self.watermark
         if moment < watermark - config.horizon:
             raise TooLateError(f"time {event.time.isoformat()} is older than the correction horizon")
-        start = int(moment // config.size) * config.size
+        start = moment - moment % config.size
         account = event.subject
         plan = self.plan_of(account)
         last_book, last_start, last_version = self._last_version
@@ -226,16 +231,16 @@ class Windows:
                 if start + config.size + config.grace <= self.watermark:  # closed: an adjustment
                     tally = self._late.get(key)
                     if tally is None:
-                        tally = self._late[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
+                        tally = self._late[key] = _new_tally(quantity, unit, version.label, provider)
                     tally.quantity += quantity
                     tally.amount += amount
                     continue
-                tally = open_windows[key] = Tally(_ZERO, _ZERO, unit, version.label, provider)
+                tally = open_windows[key] = _new_tally(quantity, unit, version.label, provider)
             tally.quantity += quantity
             tally.amount += amount
             self._dirty.add(key)
         if moment > watermark:
-            self.watermark = int(moment)
+            self.watermark = moment
 
     def _join_session(
         self, event: SessionStartedEvent | SessionEndedEvent, plan: AccountPlan, version: PriceBookVersion
@@ -389,6 +394,11 @@ class Windows:
         )
 
 
+def _new_tally(quantity: Decimal | int, unit: str, version: str, provider: str | None) -> Tally:
+    """An empty window's tally, counting in ints for a counted meter and in ``Decimal`` else."""
+    return Tally(0 if type(quantity) is int else _ZERO, _ZERO, unit, version, provider)
+
+
 def _get(changes: dict[bytes, bytes], key: bytes, read: Callable[[bytes], bytes | None]) -> bytes | None:
     value = changes.get(key)
     return (value or None) if value is not None else read(key)
@@ -433,7 +443,8 @@ def _charge(  # noqa: PLR0917  # one positional per column
 
 # What an event contributes --------------------------------------------------------------------
 
-Part = tuple[str, Dims, Decimal, Decimal, str, str | None]  # meter, dims, quantity, amount, unit, provider
+# meter, dims, quantity, amount, unit, provider; counted meters' quantities are ints.
+Part = tuple[str, Dims, Decimal | int, Decimal, str, str | None]
 
 
 def divisor(meter: str) -> Decimal:
@@ -490,11 +501,11 @@ def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, st
         if plan.api_tier is not None:
             if plan.api_tier not in version.api_tiers:
                 raise UnpricedError(f"no API tier {plan.api_tier!r} in price book {version.label}")
-            requests = Decimal(api.request_count)
+            requests = api.request_count
             parts.append(("api_overage", _tier_dims(plan.api_tier), requests, _ZERO, "request", None))
         if api.product_id is not None and api.product_id in version.products:
             product = version.products[api.product_id]
-            tokens = Decimal(api.tokens_in + api.tokens_out)
+            tokens = api.tokens_in + api.tokens_out
             parts.append((_product_meter(api.product_id), (), tokens, _ZERO, product.unit, None))
         # Neither: the request is usage (analytics count it) that this account's plan does not
         # charge for, as a free tier's endpoints are.

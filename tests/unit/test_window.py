@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import msgspec
 import pytest
@@ -223,6 +224,46 @@ def test_state_survives_a_restart_between_any_two_polls() -> None:
     restarted.poll(wall_clock=T0 + timedelta(hours=2))
     assert restarted.total() == steady.total() > 0
     assert sorted(c.charge_id for c in restarted.charges) == sorted(c.charge_id for c in steady.charges)
+
+
+def test_counted_meters_sum_whole_numbers_through_a_restart() -> None:
+    """Requests and tokens are summed as ints (cheaper than Decimal) and stored as such; a restart
+    mid-window reads them back as ints, and every charge is the one a steady run makes."""
+    events = [
+        event(
+            "api.request.v1",
+            T0 + timedelta(seconds=7 * i),
+            "acct-api",
+            i,
+            request_count=3,
+            product_id="gpt-4",
+            tokens_in=100 + i,
+            tokens_out=i,
+        )
+        for i in range(40)
+    ]
+    steady = Partition()
+    for e in events:
+        steady.poll(e)
+    steady.poll(wall_clock=T0 + timedelta(hours=2))
+    restarted = Partition()
+    for i, e in enumerate(events):
+        if i % 5 == 4:
+            windows = restarted.reopen()
+            assert windows.open, "the restart lands inside open windows"
+            assert all(type(tally.quantity) is int for tally in windows.open.values())
+        restarted.poll(e)
+    restarted.poll(wall_clock=T0 + timedelta(hours=2))
+
+    def lines(p: Partition) -> list[tuple[UUID, str, str, int]]:
+        return sorted((c.charge_id, c.quantity, c.unit_price, c.amount_base_units) for c in p.charges)
+
+    assert lines(restarted) == lines(steady)
+    overage = [c for c in steady.charges if c.meter == "api_overage"]
+    assert sum(int(c.quantity) for c in overage) == 3 * 40  # whole numbers, printed as such
+    assert sum(Decimal(c.quantity) for c in steady.charges if c.meter == "product:gpt-4") == sum(
+        100 + 2 * i for i in range(40)
+    )
 
 
 def oracle(events: list[UsageEvent]) -> int:
