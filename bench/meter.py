@@ -6,8 +6,9 @@ ledger: Postgres charges, double-entry entries, balances), exactly-once, over pr
 events per charge row in both shapes), so windows close all along the run as the watermark
 passes them. For each shape (single-event messages, 100-event batches):
 - baseline: a bare aiokafka consumer that splits and decodes the same messages (``bench.ingest``);
-- Tally: from its first accepted output to the moment the last charge row of the data's windows
-  is committed in Postgres (the Postgres clock; same machine), so worker start-up is not counted.
+- Tally: from the moment the meter's worker has opened every ``usage.raw`` partition (its log's
+  clock) to the moment the last charge row of the data's windows is committed in Postgres (the
+  Postgres clock; same machine), so worker start-up is not counted and the first fetch is.
   One event per account at the end, 370 s after the data, moves every partition's watermark past
   the data's last window plus the 5-minute grace; its own windows are not counted;
 - latency: per charge row, Postgres' ``recorded_at`` (the ledger transaction) minus ``rated_at``
@@ -36,7 +37,6 @@ from agents.window import AccountPlan, usage_of
 from bench.ingest import bare_consumer, clean_stream, machine, replace_table, run_benches
 from pipeline.loadgen import Expected, Message, account_ids, default_now, generate, publish
 from pipeline.oracle import store_plans, tier_plans
-from pipeline.outputs import OutputReader
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_database, isolated_settings
 from pipeline.topics import create_topics, delete_topics_with_prefix
@@ -102,13 +102,18 @@ def expected_rows(messages: list[Message], plans: dict[str, str | None]) -> int:
     return len(keys) + len(fees)
 
 
-async def first_output_wall_time(run: Settings) -> float:
-    async with OutputReader(run, keep_identities=False, isolation_level="read_uncommitted") as reader:
-        await reader.start_from({tp: 0 for tp in await reader.snapshot()})
-        while reader.outputs.accepted == 0:
-            await reader.poll()
-        assert reader.outputs.first_seen is not None
-        return time.time() - (time.monotonic() - reader.outputs.first_seen)
+METER_READY_LINE = "meter: took partition"
+
+
+def meter_ready_wall_time(meter: Worker, partitions: int) -> float:
+    """When the meter's worker had opened every input partition (the last "took partition" line
+    of its current start, epoch seconds): it fetches and processes from then on. Timing from the
+    first accepted output instead skipped the first poll's work: measured 0.49 s after this
+    moment, ~37,000 events at 75,000 events/s, 3-4% in Tally's favour."""
+    meter.wait_for_log(METER_READY_LINE, count=partitions)
+    lines = [line for line in meter.log().rsplit("=== start", 1)[-1].splitlines() if METER_READY_LINE in line]
+    # Faust's log format: "[2026-11-25 09:38:10,877] [pid] [INFO] ...", local time.
+    return max(datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp() for line in lines)
 
 
 def wait_for_rows(
@@ -191,7 +196,7 @@ def run_shape(shape: str, work: Path) -> dict[str, Any]:
         engine.dispose()
         workers = start_workers(run, repeat, split)
         try:
-            first = asyncio.run(first_output_wall_time(run))
+            first = meter_ready_wall_time(workers[0], run.partitions)
             last, p50, p99 = wait_for_rows(run, rows, cutoff)
         finally:
             for worker in workers:
