@@ -209,12 +209,18 @@ def test_api_quota_and_fee_per_period_across_windows() -> None:
     assert len([c for c in p.charges if c.meter == "api_overage"]) == 12  # a line per window
 
 
-def test_state_survives_a_restart_between_any_two_polls() -> None:
-    events = [event("gpu.usage.v1", T0 + timedelta(seconds=17 * i), serial=i) for i in range(60)]
+def steady_run(events: list[UsageEvent]) -> Partition:
+    """Every event polled by one partition that never restarts, then closed by the wall clock."""
     steady = Partition()
     for e in events:
         steady.poll(e)
     steady.poll(wall_clock=T0 + timedelta(hours=2))
+    return steady
+
+
+def test_state_survives_a_restart_between_any_two_polls() -> None:
+    events = [event("gpu.usage.v1", T0 + timedelta(seconds=17 * i), serial=i) for i in range(60)]
+    steady = steady_run(events)
     restarted = Partition()
     for i, e in enumerate(events):
         if i % 7 == 0:
@@ -242,10 +248,7 @@ def test_counted_meters_sum_whole_numbers_through_a_restart() -> None:
         )
         for i in range(40)
     ]
-    steady = Partition()
-    for e in events:
-        steady.poll(e)
-    steady.poll(wall_clock=T0 + timedelta(hours=2))
+    steady = steady_run(events)
     restarted = Partition()
     for i, e in enumerate(events):
         if i % 5 == 4:
