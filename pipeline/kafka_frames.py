@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # Below this a frame grows through a few copies at most: asyncio's own path is as fast.
 LARGE_FRAME_BYTES = 1 << 20
 
-# asyncio.StreamReader's internals this reads, as CPython 3.11-3.13 define them.
+# asyncio.StreamReader's internals this reads, as CPython 3.11 defines them (checked by ``installable``).
 _READER_INTERNALS = ("_buffer", "_eof", "_exception", "_wait_for_data", "_maybe_resume_transport")
 
 
