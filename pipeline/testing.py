@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -161,11 +161,24 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
 
+    def current_log(self) -> str:
+        """The log of this start of the worker only (the file keeps every start's)."""
+        return self.log().rsplit("=== start", 1)[-1]
+
+    def times_logged(self, text: str) -> list[float]:
+        """When this start logged each line containing ``text``, as epoch seconds. Faust's
+        format: ``[2026-11-25 09:38:10,877] [pid] [INFO] ...``, in local time."""
+        return [
+            datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for line in self.current_log().splitlines()
+            if text in line
+        ]
+
     def wait_for_log(self, text: str, timeout: float = 60.0, count: int = 1) -> None:
         """Wait until this start of the worker has logged ``text`` ``count`` times."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.log().rsplit("=== start", 1)[-1].count(text) >= count:
+            if self.current_log().count(text) >= count:
                 return
             assert self.alive(), (
                 f"{self.worker_id} exited ({self.process and self.process.returncode}):\n{self.log()[-3000:]}"
