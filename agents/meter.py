@@ -29,8 +29,8 @@ Order of steps, and the guarantee each gives:
    watermark passed and rate them. All changes are pending.
 3. the loop commits the transaction (outputs + charges + changelog + offsets) - the commit point.
 4. ``committed``: the pending changes and the changelog offset after them go into the store in one
-   atomic write (in a thread: RocksDB's write releases the GIL; the loop awaits it before the
-   partition's next poll is processed). A crash before 4 is repaired by 1 on the next start; a
+   atomic write, before the partition's next poll is processed (on the loop's thread: RocksDB's
+   write holds the GIL, ``sinks.statestore``). A crash before 4 is repaired by 1 on the next start; a
    failed transaction drops the task (its in-memory windows included) and reopens it from the
    store and changelog.
 So an event is marked seen, added to its window, and its window's charges are published in the
@@ -212,10 +212,10 @@ class MeterTask:
         }
         return Outcome(messages, state=(changes, changelog_records), counters=counters)
 
-    async def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
+    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
         changes, changelog_records = outcome.state
         if changes:
-            await self.store.apply_in_thread(changes.items(), metadata[changelog_records - 1].offset + 1)
+            self.store.apply(changes.items(), metadata[changelog_records - 1].offset + 1)
 
     def close(self) -> None:
         self.store.close()

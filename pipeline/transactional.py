@@ -19,9 +19,9 @@ Order of steps per input partition and poll, and the guarantee each gives:
    next owner's fencing aborts it).
 6. ``task.committed(...)``: only now is local state (the RocksDB cache of the changelog) updated,
    with the changelog offset it reflects. A crash between 5 and 6 is repaired on restart by
-   replaying the changelog tail; local state never holds an uncommitted change. A task may do
-   this write off the event loop (an awaitable); it is awaited here, under the lock, so the
-   partition's next poll never reads a half-applied store.
+   replaying the changelog tail; local state never holds an uncommitted change. The write runs
+   on the event loop's thread, under the lock, so the partition's next poll never reads a
+   half-applied store.
 
 Rebalances: the revocation callback takes the same lock as steps 1-6, so a partition is handed
 over only between transactions; a poll that straddled a rebalance is dropped (its records are
@@ -96,9 +96,8 @@ class PartitionTask(Protocol):
         awaitable that runs it off the event loop, which must keep heartbeating meanwhile."""
         ...
 
-    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> Awaitable[None] | None:
-        """Apply the committed outcome to local state; an awaitable when the write runs off the
-        event loop. The loop awaits it before this partition's next ``process``."""
+    def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
+        """Apply the committed outcome to local state, before this partition's next ``process``."""
         ...
 
     def tick(self, now: datetime) -> Outcome | None:
@@ -268,9 +267,7 @@ class TransactionalLoop:
             delay = self.settings.session_timeout_ms / 1000 if fenced else RETRY_DELAY_S
             self._open_in_background(tp, self._generation, delay)
             return
-        applied = task.committed(outcome, metadata)  # step 6
-        if applied is not None:
-            await applied
+        task.committed(outcome, metadata)  # step 6
         for name, count in outcome.counters.items():
             self.counters[name] = self.counters.get(name, 0) + count
 
