@@ -30,9 +30,9 @@ Order of steps, and the guarantee each gives:
 3. the loop commits the transaction (outputs + charges + changelog + offsets) - the commit point.
 4. ``committed``: the pending changes and the changelog offset after them go into the store in one
    atomic write, before the partition's next poll is processed (on the loop's thread: RocksDB's
-   write holds the GIL, ``sinks.statestore``). A crash before 4 is repaired by 1 on the next start; a
-   failed transaction drops the task (its in-memory windows included) and reopens it from the
-   store and changelog.
+   write holds the GIL, ``sinks.statestore``). A crash before 4 is repaired by 1 on the next
+   start; a failed transaction drops the task (its in-memory windows included) and reopens it
+   from the store and changelog.
 So an event is marked seen, added to its window, and its window's charges are published in the
 same commit - never one without the others. Idle partitions: ``tick`` closes windows by the wall
 clock, in a transaction of its own (changelog + charges, no offsets).
