@@ -10,6 +10,9 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 TALLY := $(VENV)/bin/tally
 LOCAL := deploy/local/tally-local
+# The compiled meter hot path (native/, Rust): `uv sync` builds and installs it (maturin + cargo).
+NATIVE_SOURCES := native/Cargo.toml native/Cargo.lock native/pyproject.toml native/tally_native.pyi \
+	$(wildcard native/src/*.rs)
 # uv must use this machine's Python and never download one.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
@@ -23,8 +26,8 @@ $(UV):
 	@echo "install: uv $(UV_VERSION) into $(TOOLS)/ (from PyPI)"
 	@$(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
 
-$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	@echo "install: the locked dependencies into $(VENV)/ (uv sync --frozen)"
+$(VENV)/.synced: pyproject.toml uv.lock $(NATIVE_SOURCES) | $(UV)
+	@echo "install: the locked dependencies into $(VENV)/ (uv sync --frozen; builds native/ with cargo)"
 	@$(UV) sync --frozen --quiet
 	@touch $@
 
@@ -41,15 +44,18 @@ down: ## stop everything `make up` started
 status: ## show which local services run
 	@$(LOCAL) status
 
-lint: install ## ruff (lint + format check) and mypy --strict
+lint: install ## ruff (lint + format check), mypy --strict; rustfmt and clippy for native/
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy
+	@cd native && cargo fmt --check && cargo clippy --quiet --release --all-targets -- -D warnings
 
-test-unit: install ## unit tests only (no services)
+test-unit: install ## unit tests only (no services): native/'s Rust tests, then Python's
+	@cd native && cargo test --quiet --release
 	@$(VENV)/bin/pytest tests/unit -q
 
 test: lint up ## lint, then unit, integration and fault tests against the real local services
+	@cd native && cargo test --quiet --release
 	@$(VENV)/bin/pytest tests -q --durations=10
 
 demo: up ## run a worker, publish ~100,000 synthetic events, print what came out

@@ -16,59 +16,24 @@ The pending marks leave this core as one changelog message per transaction (``en
 one write per event: state changes are written once per commit, as Kafka Streams' record cache does.
 The shell (``pipeline.transactional``) commits that message, the accepted batch, the rejections and
 the consumed offsets in one Kafka transaction, and only then applies the marks to the local store.
+
+Steps 1-3 run compiled, per event, inside the meter's native core (``settle`` in
+native/src/meter.rs), which writes its marks' changelog records in this module's format and cut;
+this module keeps the format (``encode_marks`` for the window core's changes, ``decode_marks``
+for restores).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-
 import msgspec
 
-from schemas.events import ValidRecord, cut_by_size
-from schemas.rejections import Reason, Rejection, Stage
+from schemas.events import cut_by_size
 
 # A changelog record is cut at about this size (Kafka's default max.message.bytes is 1 MiB).
 MARKS_RECORD_BYTES = 512 * 1024
 
 marks_encoder = msgspec.msgpack.Encoder()
 marks_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, bytes]])
-
-
-@dataclass(slots=True)
-class DedupeResult:
-    accepted: list[ValidRecord] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    duplicates: int = 0
-    # identity -> fingerprint, first sighting in this transaction; insertion-ordered.
-    marks: dict[bytes, bytes] = field(default_factory=dict)
-
-
-def dedupe_records(
-    records: Sequence[ValidRecord],
-    origins: Sequence[str],
-    lookup: Callable[[bytes], bytes | None],
-    result: DedupeResult,
-) -> None:
-    """Dedupe the records ingest made of one poll's events for this partition into ``result``;
-    ``origins`` names each one's Kafka record. ``lookup`` reads the committed marks (the
-    partition store)."""
-    pending = result.marks
-    accepted = result.accepted
-    for index, record in enumerate(records):
-        key, print_, raw, _ = record
-        seen = pending.get(key)
-        if seen is None:
-            seen = lookup(key)
-        if seen is None:
-            pending[key] = print_
-            accepted.append(record)
-        elif seen == print_:
-            result.duplicates += 1
-        else:
-            source, _, event_id = key.decode(errors="replace").partition("\x00")
-            detail = f"(source, id) = ({source!r}, {event_id!r}) was seen before with a different payload"
-            result.rejected.append(_reject(Reason.ID_CONFLICT, detail, raw, origins[index]))
 
 
 def encode_marks(marks: dict[bytes, bytes], limit: int = MARKS_RECORD_BYTES) -> list[bytes]:
@@ -83,7 +48,3 @@ def encode_marks(marks: dict[bytes, bytes], limit: int = MARKS_RECORD_BYTES) -> 
 
 def decode_marks(value: bytes) -> list[tuple[bytes, bytes]]:
     return marks_decoder.decode(value)
-
-
-def _reject(reason: Reason, detail: str, raw: bytes, origin: str) -> Rejection:
-    return Rejection(reason=reason, detail=detail, original=raw, origin=origin, stage=Stage.METER)

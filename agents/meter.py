@@ -20,6 +20,15 @@ A forwarded event is validated again by its account's partition (it is normalize
 the same way) and deduped there like any event; it cannot be forwarded twice (the partition count
 is the same at both ends).
 
+Where each step runs: the per-event work (ingest's checks and normalization, dedupe, adding usage
+to windows) is compiled, ``tally_native.MeterCore`` over ``tally_native.WindowCore``
+(native/src), for every message it can read as it is (what Tally's producer and well-behaved
+clients send); a message it declines (a bad event in it, escapes, unusual number or time forms)
+is validated by the Python ingest core, which has the last word on every reason, and its
+accepted records go on through the same native dedupe and windows, in Kafka order. Closing and
+rating windows (once per charge row) is Python (``agents.window``). bench/meter measured the move:
+batch messages 79,690 -> N events/s in the same hour (bench/README.md).
+
 Order of steps, and the guarantee each gives:
 1. on assignment, ``restore``: replay the changelog partition from the offset the local store
    recorded to its last committed record; then load the open windows and the watermark from it.
@@ -45,36 +54,25 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord, RecordMetadata
+from tally_native import MeterCore, PollOutput
 
-from agents.dedupe import DedupeResult, decode_marks, dedupe_records, encode_marks
-from agents.ingest import IngestCore, ingest_core, rejection_message
-from agents.window import (
-    OPEN,
-    WATERMARK,
-    Tally,
-    TooLateError,
-    WindowConfig,
-    WindowKey,
-    WindowResult,
-    Windows,
-    decode_key,
-)
+from agents.dedupe import MARKS_RECORD_BYTES, decode_marks, encode_marks
+from agents.ingest import MAX_QUANTITY, IngestCore, epoch_micros, ingest_core, rejection_message
+from agents.window import OPEN, WATERMARK, Plans, WindowConfig, WindowResult, Windows
 from pipeline.plans import PlanDirectory
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
 from schemas.charges import charges_encoder
-from schemas.events import BATCH_CONTENT_TYPE, cut_by_size, encode_batch
+from schemas.events import BATCH_CONTENT_TYPE, MAX_BATCH_BYTES, cut_by_size, encode_batch
 from schemas.rejections import Reason, Rejection, Stage, rejection_counters
-from sinks.statestore import PartitionStore
+from sinks.statestore import PartitionStore, Store
 
 log = logging.getLogger(__name__)
 
 # Changelog records read per restore poll.
 RESTORE_BATCH = 10_000
-_tally_decoder = msgspec.msgpack.Decoder(Tally)
 
 
 def meter_changelog_topic(settings: Settings) -> str:
@@ -94,8 +92,8 @@ class MeterTask:
         self,
         settings: Settings,
         partition: int,
-        store: PartitionStore,
-        plans: PlanDirectory,
+        store: Store,
+        plans: Plans,
         ingest: IngestCore,
     ) -> None:
         self.partition = partition
@@ -115,107 +113,107 @@ class MeterTask:
         ]
         self.idle_close = settings.window_idle_close.total_seconds()
         self.windows = Windows(window_config(settings), plans.plan_of, store.get, *load_windows(store))
+        self.core = MeterCore(
+            self.windows.core,
+            partition,
+            settings.partitions,
+            ingest.policy.max_message_bytes,
+            ingest.policy.max_event_bytes,
+            MAX_BATCH_BYTES,
+            MARKS_RECORD_BYTES,
+            ingest.policy.known_accounts,
+            str(MAX_QUANTITY),
+            store.get,
+            store.get_many,
+        )
         self._last_input = time.monotonic()
 
     def process(self, records: Sequence[ConsumerRecord[bytes, bytes]], now: datetime) -> Outcome:
         self._last_input = time.monotonic()
         self.plans.refresh()
-        prefix = self.origin_prefix
-        ingested = self.ingest.new_result(now)
-        result = DedupeResult(rejected=ingested.rejected)
-        accepted: list[bytes] = []
-        own = 0
-        # Message by message, so an event's decoded struct is windowed while it is still in the
-        # CPU's caches: holding a poll's structs (~80,000) until the end cost 7% end to end.
-        for record in records:
-            origin = f"{prefix}{record.offset}"
-            self.ingest.process(record.value, origin, ingested)
-            mine, origins = ingested.accepted.take(self.partition)
-            if mine:
-                own += len(mine)
-                dedupe_records(mine, origins, self.store.get, result)
-                self._window(result, origin, accepted)
-        forwarded = [
-            Outgoing(
-                self.input_topic,
-                encode_batch([body for _, _, body, _ in chunk]),
-                partition=partition,
-                headers=self.forward_headers,
-            )
-            for partition, chunk in ingested.accepted.messages()
-        ]
-        outcome = self._outcome(result.marks, accepted, result, self.windows.close(now), forwarded)
+        bounds = self.ingest.bounds(now)
+        self.core.begin(epoch_micros(bounds.earliest), epoch_micros(bounds.latest))
+        rejected: list[Rejection] = []
+        declined = 0
+        # The native core takes records until one it declines; the Python ingest core judges
+        # that one, and the native core goes on after it.
+        start = self.core.ingest(records, 0)
+        while start < len(records):
+            declined += 1
+            self._ingest_declined(records[start], now, rejected)
+            start = self.core.ingest(records, start + 1)
+        poll = self.core.take()
+        rejected.extend(
+            _reject(Reason(reason), detail, raw, f"{self.origin_prefix}{offset}")
+            for reason, detail, raw, offset in poll.rejections
+        )
+        outcome = self._outcome(poll, rejected, self.windows.close(now))
         outcome.counters["records"] = len(records)
-        outcome.counters["forwarded"] = ingested.accepted.count - own
+        outcome.counters["declined"] = declined
         return outcome
+
+    def _ingest_declined(
+        self, record: ConsumerRecord[bytes, bytes], now: datetime, rejected: list[Rejection]
+    ) -> None:
+        """Validate one message in Python (agents/ingest.py); its accepted records go on through
+        the native dedupe and windows (or are forwarded), its rejections into ``rejected``."""
+        ingested = self.ingest.new_result(now)
+        self.ingest.process(record.value, f"{self.origin_prefix}{record.offset}", ingested)
+        rejected.extend(ingested.rejected)
+        for partition, accepted in ingested.accepted.drain():
+            self.core.accept(
+                partition, [(key, print_, body) for key, print_, body, _ in accepted], record.offset
+            )
 
     def tick(self, now: datetime) -> Outcome | None:
         """Close windows by the wall clock once the partition has been idle ``idle_close`` s."""
-        if not self.windows.open or time.monotonic() - self._last_input < self.idle_close:
+        if not len(self.windows.core) or time.monotonic() - self._last_input < self.idle_close:
             return None
         self.plans.refresh()
         closed = self.windows.close(now, wall_clock=int(now.timestamp()))
         if not closed.changes:
             return None
-        return self._outcome({}, [], DedupeResult(), closed, [])
+        return self._outcome(None, [], closed)
 
-    def _window(self, result: DedupeResult, origin: str, accepted: list[bytes]) -> None:
-        """Add each event dedupe just accepted to its window and its normalized JSON to
-        ``accepted``; too late or unpriced ones are rejected instead (and their marks withdrawn,
-        so a corrected copy is not a duplicate)."""
-        add = self.windows.add
-        for key, _, raw, event in result.accepted:
-            try:
-                add(event)
-            except LookupError as exc:  # TooLateError, or no price for it (Unpriced, no book version)
-                reason = Reason.TOO_LATE if isinstance(exc, TooLateError) else Reason.UNPRICED
-                result.marks.pop(key, None)
-                result.rejected.append(_reject(reason, str(exc).strip("'\""), raw, origin))
-                continue
-            accepted.append(raw)
-        result.accepted.clear()
-
-    def _outcome(  # one poll's parts
-        self,
-        marks: dict[bytes, bytes],
-        accepted: list[bytes],
-        result: DedupeResult,
-        closed: WindowResult,
-        forwarded: list[Outgoing],
-    ) -> Outcome:
-        changes = marks | closed.changes  # disjoint key spaces: marks never start with NUL
-        # Changelog records first, so their metadata leads in ``committed``; every message is cut
-        # to a bounded size (one poll can bring ~20 MiB of events for a partition).
-        messages = [
-            Outgoing(self.changelog_topic, record, partition=self.partition)
-            for record in encode_marks(changes)
-        ]
-        changelog_records = len(messages)
-        messages.extend(
-            Outgoing(self.accepted_topic, encode_batch(chunk), partition=self.partition)
-            for chunk in cut_by_size(accepted)
-        )
+    def _outcome(self, poll: PollOutput | None, rejected: list[Rejection], closed: WindowResult) -> Outcome:
+        """One poll's messages: changelog records first (their metadata leads in ``committed``),
+        then the accepted batch, the charges, the dead letters and the forwarded events. Every
+        message is cut to a bounded size (one poll can bring ~20 MiB of events for a partition)."""
+        mark_records = poll.mark_records if poll is not None else []
+        changelog = [
+            *mark_records,
+            *encode_marks(closed.changes),
+        ]  # disjoint keys: marks never start with NUL
+        messages = [Outgoing(self.changelog_topic, record, partition=self.partition) for record in changelog]
+        if poll is not None:
+            messages.extend(Outgoing(self.accepted_topic, m, partition=self.partition) for m in poll.accepted)
         charges = [charges_encoder.encode(c) for c in closed.charges]
         messages.extend(
             Outgoing(self.charges_topic, encode_batch(chunk), partition=self.partition)
             for chunk in cut_by_size(charges)
         )
-        messages.extend(rejection_message(self.rejected_topic, r) for r in result.rejected)
-        messages.extend(forwarded)
+        messages.extend(rejection_message(self.rejected_topic, r) for r in rejected)
+        if poll is not None:
+            messages.extend(
+                Outgoing(self.input_topic, m, partition=p, headers=self.forward_headers)
+                for p, m in poll.forwarded
+            )
+        changes = [*(poll.marks if poll is not None else []), *closed.changes.items()]
         counters = {
-            "accepted": len(accepted),
-            "duplicates": result.duplicates,
+            "accepted": poll.accepted_count if poll is not None else 0,
+            "duplicates": poll.duplicates if poll is not None else 0,
+            "forwarded": poll.forwarded_count if poll is not None else 0,
             "windows_closed": closed.closed,
             "adjustments": closed.adjustments,
             "charges": len(closed.charges),
-            **rejection_counters(result.rejected),
+            **rejection_counters(rejected),
         }
-        return Outcome(messages, state=(changes, changelog_records), counters=counters)
+        return Outcome(messages, state=(changes, len(changelog)), counters=counters)
 
     def committed(self, outcome: Outcome, metadata: Sequence[RecordMetadata]) -> None:
         changes, changelog_records = outcome.state
         if changes:
-            self.store.apply(changes.items(), metadata[changelog_records - 1].offset + 1)
+            self.store.apply(changes, metadata[changelog_records - 1].offset + 1)
 
     def close(self) -> None:
         self.store.close()
@@ -225,11 +223,10 @@ def _reject(reason: Reason, detail: str, raw: bytes, origin: str) -> Rejection:
     return Rejection(reason=reason, detail=detail, original=raw, origin=origin, stage=Stage.METER)
 
 
-def load_windows(store: PartitionStore) -> tuple[dict[WindowKey, Tally], int]:
-    """The open windows and the watermark a store holds."""
-    open_windows = {decode_key(key): _tally_decoder.decode(value) for key, value in store.items(OPEN)}
+def load_windows(store: Store) -> tuple[list[tuple[bytes, bytes]], int]:
+    """The open windows (as stored) and the watermark a store holds."""
     raw = store.get(WATERMARK)
-    return open_windows, int(raw) if raw else 0
+    return list(store.items(OPEN)), int(raw) if raw else 0
 
 
 class MeterStage:

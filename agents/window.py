@@ -21,41 +21,40 @@ revisions (the property the exactly-once test checks against an oracle, to the b
 Both sums telescope: over a window's revisions, or a period's windows, the charges add up to the
 rounded exact total.
 
+Two halves, one per side of a window's life:
+- adding usage, once per event, is compiled: ``tally_native.WindowCore`` (native/src/window.rs)
+  meters each event (``gpu`` per (model, provider), ``storage:<kind>``, ``api_overage`` per tier,
+  ``product:<id>``, ``compute:<tier>`` once both ends of a session are seen) and sums its
+  quantity and exact amount into the window's ``Tally`` in the same decimal arithmetic as
+  ``agents.rating`` (the GPU rate operation for operation: tests/unit/test_window.py holds the
+  two to the same digits);
+- closing and rating, once per charge row, is here (``Windows.close``).
+
 State, all of it written once per commit as (key, value) changes in the meter's changelog record
 (deleted keys have an empty value), and read back through ``read`` (the partition store):
 open windows (in memory while open), closed windows (revision and totals, for adjustments),
-period usage, fees charged, and the watermark.
+period usage, fees charged, compute sessions half seen, and the watermark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from functools import cache, lru_cache
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
+from tally_native import WindowCore
 
-from agents.rating import (
-    HOURS_PER_MONTH,
-    SECONDS_PER_HOUR,
-    billable_seconds,
-    gpu_hourly_rate,
-    price,
-    split_platform_fee,
-    to_base_units,
-)
+from agents.rating import HOURS_PER_MONTH, SECONDS_PER_HOUR, price, split_platform_fee, to_base_units
 from schemas.charges import Charge, charge_id_of, dims_text
-from schemas.events import (
-    ApiRequestEvent,
-    GpuUsageEvent,
-    SessionEndedEvent,
-    SessionStartedEvent,
-    StorageUsageEvent,
-    UsageEvent,
-)
+from schemas.events import UsageEvent, encoder
 from schemas.pricebook import PriceBook, PriceBookVersion
+
+if TYPE_CHECKING:
+    from tally_native import BookData
 
 # State keys. Identity marks (dedupe) share the store: their keys are ``source\x00id`` with a
 # non-empty source, so they never start with NUL; these all do.
@@ -97,6 +96,14 @@ class AccountPlan:
     compute_user_type: str | None = None  # seed 002's user type; None: sessions are not charged
 
 
+class Plans(Protocol):
+    """Where the meter finds each account's plan (``pipeline.plans.PlanDirectory``)."""
+
+    def plan_of(self, account: str) -> AccountPlan: ...
+
+    def refresh(self, force: bool = False) -> None: ...
+
+
 class UnpricedError(LookupError):
     """The account's price book cannot rate this event."""
 
@@ -124,7 +131,8 @@ class PeriodUsage(msgspec.Struct, array_like=True, gc=False):
 
 
 class SessionSide(msgspec.Struct, array_like=True, gc=False):
-    """A compute session one of whose ends has been seen (epoch seconds)."""
+    """A compute session one of whose ends has been seen (epoch seconds); written by the native
+    core (native/src/window.rs), in this struct's encoding."""
 
     started_at: int | None = None
     resource_tier: str | None = None
@@ -133,7 +141,6 @@ class SessionSide(msgspec.Struct, array_like=True, gc=False):
 
 
 _tally_decoder = msgspec.msgpack.Decoder(Tally)
-_session_decoder = msgspec.msgpack.Decoder(SessionSide)
 _period_decoder = msgspec.msgpack.Decoder(PeriodUsage)
 
 
@@ -166,113 +173,49 @@ class WindowResult:
 
 
 class Windows:
-    """The windows of one input partition."""
+    """The windows of one input partition: the native core adds usage, ``close`` rates."""
 
     def __init__(
         self,
         config: WindowConfig,
         plan_of: Callable[[str], AccountPlan],
         read: Callable[[bytes], bytes | None],
-        open_windows: dict[WindowKey, Tally],
+        open_windows: Iterable[tuple[bytes, bytes]],
         watermark: int,
     ) -> None:
+        """``open_windows``: the store's ``OPEN`` entries as stored (``load_windows``)."""
         self.config = config
         self.plan_of = plan_of
         self.read = read
-        self.open = open_windows
-        self.watermark = watermark
-        self._stored_watermark = watermark
-        self._dirty: set[WindowKey] = set()
-        self._late: dict[WindowKey, Tally] = {}
+        self.core = WindowCore(
+            config.size,
+            config.grace,
+            config.horizon,
+            plan_of,
+            read,
+            native_book,
+            list(open_windows),
+            watermark,
+        )
         self._versions: dict[tuple[str, int], PriceBookVersion] = {}
-        self._session_changes: dict[bytes, bytes] = {}
-        # The (book, window start, version) of the last event: consecutive events mostly share it.
-        self._last_version: tuple[PriceBook | None, int, PriceBookVersion | None] = (None, -1, None)
 
-    # Adding usage ---------------------------------------------------------------------------
+    @property
+    def watermark(self) -> int:
+        return self.core.watermark
+
+    @property
+    def open(self) -> dict[WindowKey, Tally]:
+        """The open windows, decoded (for tests and tools; the meter never needs them)."""
+        return {decode_key(k): _tally_decoder.decode(v) for k, v in self.core.open_windows()}
 
     def add(self, event: UsageEvent) -> None:
-        """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then nothing of
-        the event is added). Called once per event: helpers are inlined and the price-book version
-        of the previous event's window is reused (~1 us per event less than a call each, here)."""
-        # Whole seconds since the epoch, floored: ~140 ns against ~270 for ``timestamp()`` and the
-        # float floor division after it (event times are UTC, so the subtraction reads no offset).
-        # Every bound it meets is whole seconds too, so flooring decides nothing differently.
-        elapsed = event.time - _EPOCH
-        moment = elapsed.days * 86_400 + elapsed.seconds
-        config = self.config
-        watermark = self.watermark
-        if moment < watermark - config.horizon:
-            raise TooLateError(f"time {event.time.isoformat()} is older than the correction horizon")
-        start = moment - moment % config.size
-        account = event.subject
-        plan = self.plan_of(account)
-        last_book, last_start, last_version = self._last_version
-        if last_version is not None and last_book is plan.book and last_start == start:
-            version = last_version
-        else:
-            version = self._version(plan.book, start)
-            self._last_version = (plan.book, start, version)
-        if type(event) is SessionStartedEvent or type(event) is SessionEndedEvent:
-            joined = self._join_session(event, plan, version)
-            if joined is None:
-                parts: list[Part] = []
-            else:  # both ends seen: the session is charged in its end's window
-                start = int(joined[0] // config.size) * config.size
-                version = self._version(plan.book, start)
-                parts = joined[1]
-        else:
-            parts = usage_of(event, plan, version, start)
-        open_windows = self.open
-        for meter, dims, quantity, amount, unit, provider in parts:
-            key = (account, meter, dims, start)
-            tally = open_windows.get(key)
-            if tally is None:
-                if start + config.size + config.grace <= self.watermark:  # closed: an adjustment
-                    tally = self._late.get(key)
-                    if tally is None:
-                        tally = self._late[key] = _new_tally(quantity, unit, version.label, provider)
-                    tally.quantity += quantity
-                    tally.amount += amount
-                    continue
-                tally = open_windows[key] = _new_tally(quantity, unit, version.label, provider)
-            tally.quantity += quantity
-            tally.amount += amount
-            self._dirty.add(key)
-        if moment > watermark:
-            self.watermark = moment
-
-    def _join_session(
-        self, event: SessionStartedEvent | SessionEndedEvent, plan: AccountPlan, version: PriceBookVersion
-    ) -> tuple[int, list[Part]] | None:
-        """Seed 002's compute sessions: the start (resource tier) and the end (duration) may come
-        in either order; the first one seen waits in state (``SESSION`` keys, written with the
-        poll's changes), the second one charges the session in the end's window. Returns (end
-        time, parts) once both are seen, else None."""
-        key = SESSION + _codec.encode((event.subject, event.data.session_id))
-        raw = self._session_changes.get(key)
-        raw = (raw or None) if raw is not None else self.read(key)
-        seen = _session_decoder.decode(raw) if raw else SessionSide()
-        at = int(event.time.timestamp())
-        if isinstance(event, SessionStartedEvent):
-            tier = event.data.resource_tier
-            user_type = plan.compute_user_type
-            if tier and user_type and tier not in version.compute_per_hour.get(user_type, {}):
-                raise UnpricedError(f"no compute rate for {user_type!r} x {tier!r} in {version.label}")
-            seen.started_at, seen.resource_tier = at, tier
-        else:
-            seen.ended_at, seen.duration = at, event.data.duration_seconds
-        if seen.started_at is None or seen.ended_at is None:
-            self._session_changes[key] = _codec.encode(seen)
-            return None
-        self._session_changes[key] = b""  # joined: the session leaves the state
-        seconds = seen.duration if seen.duration is not None else max(0, seen.ended_at - seen.started_at)
-        rates = version.compute_per_hour.get(plan.compute_user_type or "", {})
-        if seen.resource_tier is None or seen.resource_tier not in rates:
-            return None  # a session without a priced tier or user type is usage, not a charge
-        quantity = Decimal(seconds)
-        meter = f"compute:{seen.resource_tier}"
-        return seen.ended_at, [(meter, (), quantity, quantity * rates[seen.resource_tier], "hour", None)]
+        """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then
+        nothing of the event is added). The meter adds events inside the native core without
+        this call (``tally_native.MeterCore``); this is the same core's entry for a decoded event."""
+        refusal = self.core.add(encoder.encode(event))
+        if refusal is not None:
+            reason, detail = refusal
+            raise (TooLateError if reason == "too_late" else UnpricedError)(detail)
 
     def _version(self, book: PriceBook, start: int) -> PriceBookVersion:
         version = self._versions.get((book.name, start))
@@ -288,30 +231,18 @@ class Windows:
         """Rate every window the watermark closed (``wall_clock``, when given, advances it: the
         partition was idle) and every adjustment; return the charges and the state changes."""
         result = WindowResult()
-        if wall_clock is not None and wall_clock > self.watermark:
-            self.watermark = wall_clock
-        reach = self.config.size + self.config.grace
-        closing = sorted(k for k in self.open if k[3] + reach <= self.watermark)
+        closing, late = self.core.close(wall_clock)
         periods: dict[bytes, PeriodUsage] = {}
-        for key in closing:
-            self._rate(key, self.open.pop(key), rated_at, result, periods)
-            self._dirty.discard(key)
-            result.changes[state_key(OPEN, key)] = b""
-        for key in sorted(self._late):
-            self._rate(key, self._late[key], rated_at, result, periods)
+        for raw_key, raw_tally in closing:
+            self._rate(decode_key(raw_key), _tally_decoder.decode(raw_tally), rated_at, result, periods)
+            result.changes[raw_key] = b""  # the window leaves the open set
+        for raw_key, raw_tally in late:
+            self._rate(decode_key(raw_key), _tally_decoder.decode(raw_tally), rated_at, result, periods)
             result.adjustments += 1
-        self._late.clear()
         result.closed = len(closing)
-        for key in self._dirty:
-            result.changes[state_key(OPEN, key)] = _codec.encode(self.open[key])
-        self._dirty.clear()
+        result.changes.update(self.core.changes())  # open windows that changed, sessions, watermark
         for raw, usage in periods.items():
             result.changes[raw] = _codec.encode(usage)
-        result.changes.update(self._session_changes)
-        self._session_changes.clear()
-        if self.watermark != self._stored_watermark:
-            result.changes[WATERMARK] = str(self.watermark).encode()
-            self._stored_watermark = self.watermark
         return result
 
     def _rate(
@@ -394,11 +325,6 @@ class Windows:
         )
 
 
-def _new_tally(quantity: Decimal | int, unit: str, version: str, provider: str | None) -> Tally:
-    """An empty window's tally, counting in ints for a counted meter and in ``Decimal`` else."""
-    return Tally(0 if type(quantity) is int else _ZERO, _ZERO, unit, version, provider)
-
-
 def _get(changes: dict[bytes, bytes], key: bytes, read: Callable[[bytes], bytes | None]) -> bytes | None:
     value = changes.get(key)
     return (value or None) if value is not None else read(key)
@@ -443,9 +369,6 @@ def _charge(  # noqa: PLR0917  # one positional per column
 
 # What an event contributes --------------------------------------------------------------------
 
-# meter, dims, quantity, amount, unit, provider; counted meters' quantities are ints.
-Part = tuple[str, Dims, Decimal | int, Decimal, str, str | None]
-
 
 def divisor(meter: str) -> Decimal:
     """Time-based meters add up seconds (GPU-seconds, GB-seconds) and amounts per second, and
@@ -470,59 +393,6 @@ def _start_text(start: int) -> str:
     return _dt(start).isoformat()
 
 
-@cache  # a handful of tiers and products: one tuple or string each, not one per event
-def _tier_dims(tier: str) -> Dims:
-    return (("tier", tier),)
-
-
-@cache
-def _product_meter(product_id: str) -> str:
-    return f"product:{product_id}"
-
-
-def usage_of(event: UsageEvent, plan: AccountPlan, version: PriceBookVersion, start: int) -> list[Part]:
-    """The metered parts of one event: what it adds to which window (pure)."""
-    if isinstance(event, GpuUsageEvent):
-        gpu = event.data
-        rates = version.gpu
-        if rates is None or gpu.gpu_model not in rates.base_rate_per_hour:
-            raise UnpricedError(f"no GPU rate for {gpu.gpu_model!r} in price book {version.label}")
-        demand = rates.demand_at(_dt(start), gpu.gpu_model) if rates.demand_schedule else None
-        minimum = rates.provider_minimum_per_hour.get(gpu.provider_id)
-        hourly = gpu_hourly_rate(
-            rates, gpu.gpu_model, gpu.vram_total_gb, gpu.vram_allocated_gb, gpu.power_watts, demand, minimum
-        )
-        seconds = Decimal(billable_seconds(gpu.interval_seconds, rates) * gpu.gpu_count)
-        dims = (("gpu_model", gpu.gpu_model), ("provider_id", gpu.provider_id))
-        return [("gpu", dims, seconds, seconds * hourly, "gpu_hour", gpu.provider_id)]
-    if isinstance(event, ApiRequestEvent):
-        api = event.data
-        parts: list[Part] = []
-        if plan.api_tier is not None:
-            if plan.api_tier not in version.api_tiers:
-                raise UnpricedError(f"no API tier {plan.api_tier!r} in price book {version.label}")
-            requests = api.request_count
-            parts.append(("api_overage", _tier_dims(plan.api_tier), requests, _ZERO, "request", None))
-        if api.product_id is not None and api.product_id in version.products:
-            product = version.products[api.product_id]
-            tokens = api.tokens_in + api.tokens_out
-            parts.append((_product_meter(api.product_id), (), tokens, _ZERO, product.unit, None))
-        # Neither: the request is usage (analytics count it) that this account's plan does not
-        # charge for, as a free tier's endpoints are.
-        return parts
-    if isinstance(event, StorageUsageEvent):
-        held = event.data
-        per_gb_month = version.storage_per_gb_month.get(held.storage_kind)
-        if per_gb_month is None:
-            raise UnpricedError(f"no storage rate for {held.storage_kind!r} in price book {version.label}")
-        gb_seconds = held.gb * held.duration_seconds
-        meter = f"storage:{held.storage_kind}"
-        return [(meter, (), gb_seconds, gb_seconds * per_gb_month, "gb_month", None)]
-    # Session start/end events are joined by ``Windows`` (compute sessions); GPU time is billed
-    # from the heartbeats.
-    return []
-
-
 def period_price(meter: str, plan: AccountPlan, version: PriceBookVersion, used: Decimal) -> Decimal:
     """The exact amount a billing period's usage ``used`` of a period meter costs."""
     if meter == "api_overage":
@@ -530,3 +400,45 @@ def period_price(meter: str, plan: AccountPlan, version: PriceBookVersion, used:
         tier = version.api_tiers[plan.api_tier]
         return max(_ZERO, used - tier.included_requests) * tier.overage_per_request
     return price(version.products[meter.removeprefix("product:")].pricing, used)
+
+
+# What the native core reads of a price book ----------------------------------------------------
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def native_book(book: PriceBook) -> BookData:
+    """A price book as plain tuples for ``tally_native.WindowCore`` (prices as decimal text): what
+    adding usage needs (rating a closed window reads the book itself)."""
+    versions: list[tuple[Any, ...]] = []
+    for version in book.versions:
+        gpu = None
+        if version.gpu is not None:
+            rates = version.gpu
+            gpu = (
+                [(model, str(rate)) for model, rate in rates.base_rate_per_hour.items()],
+                rates.vram_pricing == "per_gb_hour",
+                None if rates.vram_rate_per_gb_hour is None else str(rates.vram_rate_per_gb_hour),
+                str(rates.power_rate_per_watt_hour),
+                str(rates.demand_multiplier),
+                [(_micros(s.effective_from), str(s.multiplier), s.gpu_models) for s in rates.demand_schedule],
+                [(provider, str(rate)) for provider, rate in rates.provider_minimum_per_hour.items()],
+                rates.billing_granularity_seconds,
+            )
+        versions.append(
+            (
+                _micros(version.effective_from),
+                version.label,
+                gpu,
+                list(version.api_tiers),
+                [(product_id, product.unit) for product_id, product in version.products.items()],
+                [
+                    (user_type, [(tier, str(rate)) for tier, rate in tiers.items()])
+                    for user_type, tiers in version.compute_per_hour.items()
+                ],
+                [(kind, str(rate)) for kind, rate in version.storage_per_gb_month.items()],
+            )
+        )
+    return book.name, versions

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,14 @@ import msgspec
 import psycopg
 from sqlalchemy import create_engine
 
-from agents.window import AccountPlan, usage_of
+from agents.window import AccountPlan, WindowConfig, Windows
 from bench.ingest import bare_consumer, clean_stream, machine, replace_table, run_benches
 from pipeline.loadgen import Expected, Message, account_ids, default_now, generate, publish
-from pipeline.oracle import store_plans, tier_plans
+from pipeline.oracle import USER_TYPES, store_plans, tier_plans
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_database, isolated_settings
 from pipeline.topics import create_topics, delete_topics_with_prefix
-from schemas.events import event_decoder
+from schemas.events import batch_splitter, event_decoder
 from schemas.pricebook import load_price_book
 from sinks.postgres import sqlalchemy_url
 
@@ -84,22 +84,20 @@ def closing_events(now: datetime) -> list[Message]:
 
 
 def expected_rows(messages: list[Message], plans: dict[str, str | None]) -> int:
-    """Charge rows the data's windows make: one per (account, meter, dimensions, window) and
-    one fee per tiered account (counted with the pure core's own metering of each event)."""
+    """Charge rows the data's windows make: every window, fee and compute session the pipeline's
+    own window core rates when all of them close (the data ascends in time: no adjustments)."""
     book = load_price_book(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml")
-    keys: set[tuple[str, str, tuple[tuple[str, str], ...], int]] = set()
-    fees: set[str] = set()
+    account_plans = {
+        account: AccountPlan(book, tier, USER_TYPES[tier]) if tier else AccountPlan(book)
+        for account, tier in plans.items()
+    }
+    nothing_stored: dict[bytes, bytes] = {}
+    windows = Windows(WindowConfig(), account_plans.__getitem__, nothing_stored.get, [], 0)
     for message in messages:
-        raw = msgspec.json.decode(message.value)
-        for item in raw if isinstance(raw, list) else [raw]:
-            event = event_decoder.decode(msgspec.json.encode(item))
-            start = int(event.time.timestamp()) // 60 * 60
-            plan = AccountPlan(book, plans[event.subject])
-            for meter, dims, *_ in usage_of(event, plan, book.version_at(event.time), start):
-                keys.add((event.subject, meter, dims, start))
-                if meter == "api_overage":
-                    fees.add(event.subject)
-    return len(keys) + len(fees)
+        for raw in batch_splitter.decode(message.value) if message.value[:1] == b"[" else [message.value]:
+            windows.add(event_decoder.decode(raw))
+    far = datetime.now(UTC) + timedelta(days=1)
+    return len(windows.close(far, wall_clock=int(far.timestamp())).charges)
 
 
 METER_READY_LINE = "meter: took partition"

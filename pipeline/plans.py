@@ -69,3 +69,18 @@ class PlanDirectory:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class FixedPlans:
+    """Plans from a dict, the default book for the rest: a testing source (no Postgres) for
+    the meter's unit tests and in-process runs."""
+
+    def __init__(self, default: AccountPlan, plans: dict[str, AccountPlan] | None = None) -> None:
+        self.default = default
+        self.plans = plans or {}
+
+    def plan_of(self, account: str) -> AccountPlan:
+        return self.plans.get(account, self.default)
+
+    def refresh(self, force: bool = False) -> None:
+        return None

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 
-from agents.dedupe import DedupeResult, decode_marks, dedupe_records, encode_marks
-from schemas.events import ValidRecord, event_decoder, fingerprint, identity_key
-from schemas.rejections import Reason
-from sinks.statestore import PartitionStore
+from agents.dedupe import decode_marks, encode_marks
+from schemas.events import encode_batch, encoder, event_decoder, fingerprint, identity_key
+from schemas.rejections import Reason, reason_of
+from sinks.statestore import MemoryStore, PartitionStore
+from tests.unit.meter_in_memory import MeterRun
 
 
 def event(event_id: str, source: str = "src", amount: int = 1) -> bytes:
@@ -27,64 +28,82 @@ def event(event_id: str, source: str = "src", amount: int = 1) -> bytes:
     )
 
 
-def run(*messages: list[bytes], committed: dict[bytes, bytes] | None = None) -> DedupeResult:
-    store = committed or {}
-    result = DedupeResult()
-    for offset, events in enumerate(messages):
-        origins = [f"usage.raw/0/{offset}"] * len(events)
-        dedupe_records(valid_records(events), origins, store.get, result)
-    return result
+NOW = datetime(2026, 11, 24, 10, 1, tzinfo=UTC)
 
 
-def bodies(result: DedupeResult) -> list[bytes]:
-    return [raw for _, _, raw, _ in result.accepted]
+def normalized(raw: bytes) -> bytes:
+    """What ingest makes of an event: the bytes dedupe fingerprints and the meter forwards."""
+    return encoder.encode(event_decoder.decode(raw))
 
 
-def valid_records(events: list[bytes]) -> list[ValidRecord]:
-    """The records ingest hands dedupe for these (normalized) events."""
-    records = []
-    for raw in events:
-        parsed = msgspec.json.decode(raw)
-        key = identity_key(parsed["source"], parsed["id"])
-        records.append((key, fingerprint(raw), raw, event_decoder.decode(raw)))
-    return records
+def run(tmp_path: Path, *messages: list[bytes], committed: dict[bytes, bytes] | None = None) -> MeterRun:
+    """One poll of ``messages`` (each a batch) through the meter, over ``committed`` marks."""
+    store = MemoryStore()
+    store.data.update(committed or {})
+    meter = MeterRun(tmp_path, store=store)
+    meter.poll([encode_batch(events) for events in messages], NOW)
+    return meter
 
 
-def test_first_sighting_is_accepted_and_marked() -> None:
-    result = run([event("a"), event("b")])
-    assert bodies(result) == [event("a"), event("b")]
-    assert result.marks == {
-        identity_key("src", "a"): fingerprint(event("a")),
-        identity_key("src", "b"): fingerprint(event("b")),
+def test_first_sighting_is_accepted_and_marked(tmp_path: Path) -> None:
+    meter = run(tmp_path, [event("a"), event("b")])
+    assert meter.accepted() == [normalized(event("a")), normalized(event("b"))]
+    marks = {k: v for k, v in meter.store.data.items() if not k.startswith(b"\x00")}
+    assert marks == {
+        identity_key("src", "a"): fingerprint(normalized(event("a"))),
+        identity_key("src", "b"): fingerprint(normalized(event("b"))),
     }
 
 
-def test_repeat_within_the_transaction_is_a_duplicate() -> None:
-    result = run([event("a"), event("a")], [event("a")])
-    assert bodies(result) == [event("a")]
-    assert result.duplicates == 2
-    assert result.rejected == []
+def test_repeat_within_the_transaction_is_a_duplicate(tmp_path: Path) -> None:
+    meter = run(tmp_path, [event("a"), event("a")], [event("a")])
+    assert meter.accepted() == [normalized(event("a"))]
+    assert meter.outcomes[0].counters["duplicates"] == 2
+    assert meter.sent(meter.settings.topic_rejected) == []
 
 
-def test_repeat_of_a_committed_mark_is_a_duplicate() -> None:
-    committed = {identity_key("src", "a"): fingerprint(event("a"))}
-    result = run([event("a"), event("b")], committed=committed)
-    assert bodies(result) == [event("b")]
-    assert result.duplicates == 1
+def test_repeat_of_a_committed_mark_is_a_duplicate(tmp_path: Path) -> None:
+    committed = {identity_key("src", "a"): fingerprint(normalized(event("a")))}
+    meter = run(tmp_path, [event("a"), event("b")], committed=committed)
+    assert meter.accepted() == [normalized(event("b"))]
+    assert meter.outcomes[0].counters["duplicates"] == 1
 
 
-def test_same_identity_other_payload_is_a_conflict() -> None:
-    committed = {identity_key("src", "a"): fingerprint(event("a"))}
-    result = run([event("a", amount=5)], committed=committed)
-    assert bodies(result) == []
-    assert [r.reason for r in result.rejected] == [Reason.ID_CONFLICT]
-    assert result.rejected[0].original == event("a", amount=5)
-    assert result.rejected[0].origin == "usage.raw/0/0"
+def test_a_copy_in_other_bytes_is_a_duplicate(tmp_path: Path) -> None:
+    """Key order, spacing and UTC offset do not make another payload: the normalized bytes match."""
+    copy = msgspec.json.encode(dict(reversed(msgspec.json.decode(event("a")).items())))
+    copy = copy.replace(b"2026-11-24T10:00:00Z", b"2026-11-24T12:00:00+02:00")
+    meter = run(tmp_path, [event("a")], [copy])
+    assert meter.accepted() == [normalized(event("a"))]
+    assert meter.outcomes[0].counters["duplicates"] == 1
 
 
-def test_identity_is_source_and_id() -> None:
-    result = run([event("a", source="s1"), event("a", source="s2")])
-    assert len(result.accepted) == 2
+def test_same_identity_other_payload_is_a_conflict(tmp_path: Path) -> None:
+    committed = {identity_key("src", "a"): fingerprint(normalized(event("a")))}
+    meter = run(tmp_path, [event("a", amount=5)], committed=committed)
+    assert meter.accepted() == []
+    [dead] = meter.sent(meter.settings.topic_rejected)
+    assert reason_of(dead.headers) == Reason.ID_CONFLICT.value
+    assert dead.value == normalized(event("a", amount=5))
+    assert dict(dead.headers)["tally.origin"] == f"{meter.settings.topic_raw}/0/0".encode()
+    assert b"('src', 'a') was seen before" in dict(dead.headers)["tally.detail"]
+
+
+def test_identity_is_source_and_id(tmp_path: Path) -> None:
+    meter = run(tmp_path, [event("a", source="s1"), event("a", source="s2")])
+    assert len(meter.accepted()) == 2
+
+
+def test_marks_leave_as_changelog_records_the_store_takes_after_the_commit(tmp_path: Path) -> None:
+    meter = run(tmp_path, [event(str(i)) for i in range(100)])
+    changelog = meter.sent(f"{meter.settings.app_id}-meter-changelog")
+    pairs = dict(item for m in changelog for item in decode_marks(m.value))
+    assert {k: v for k, v in pairs.items() if not k.startswith(b"\x00")} == {
+        identity_key("src", str(i)): fingerprint(normalized(event(str(i)))) for i in range(100)
+    }
+    assert all(meter.store.get(k) == v for k, v in pairs.items() if v)  # applied after the commit
+    # The changelog records lead the transaction's messages (offsets 1..n here): the store is at n + 1.
+    assert meter.store.next_changelog_offset == len(changelog) + 1
 
 
 def test_marks_round_trip_through_the_changelog_encoding_in_bounded_records() -> None:

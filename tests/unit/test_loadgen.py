@@ -3,58 +3,42 @@
 from __future__ import annotations
 
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from pathlib import Path
 
-from agents.dedupe import DedupeResult, dedupe_records
-from agents.ingest import IngestCore, IngestPolicy, Partitioner
-from agents.window import AccountPlan, UnpricedError, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, account_ids, generate
-from pipeline.settings import REPO_ROOT
-from schemas.pricebook import load_price_book
-from schemas.rejections import Reason
+from schemas.rejections import Reason, reason_of
+from tests.unit.meter_in_memory import MeterRun
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-BOOK = load_price_book(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml")
 
 
-def pipeline_in_memory(plan: LoadPlan) -> tuple[Expected, int, Counter[str], int]:
-    """Ingest, dedupe and windows, run in-process over the generated messages (no Kafka)."""
+def pipeline_in_memory(plan: LoadPlan, tmp_path: Path) -> tuple[Expected, int, Counter[str], int]:
+    """The meter's task (ingest, dedupe, windows; native and Python paths) run in-process over the
+    generated messages (no Kafka), a poll per 500 messages."""
     expected = Expected()
     messages = list(generate(plan, NOW, expected))
-    policy = IngestPolicy(
-        plan.max_message_bytes,
-        plan.max_event_bytes,
-        timedelta(minutes=5),
-        timedelta(days=35),
-        frozenset(account_ids(plan.accounts)),
+    accounts = tmp_path / "accounts.txt"
+    accounts.write_text("\n".join(account_ids(plan.accounts)) + "\n", encoding="utf-8")
+    meter = MeterRun(
+        tmp_path,
+        max_event_bytes=plan.max_event_bytes,
+        max_message_bytes=plan.max_message_bytes,
+        accounts_file=accounts,
     )
-    core = IngestCore(policy, Partitioner(3))
-    ingested = core.new_result(NOW)
-    for offset, message in enumerate(messages):
-        core.process(message.value, f"raw/0/{offset}", ingested)
-    rejected = Counter(r.reason.value for r in ingested.rejected)
-    deduped = DedupeResult()
-    committed: dict[bytes, bytes] = {}
-    for _, events in ingested.accepted.messages():
-        dedupe_records(events, ["raw/0/0"] * len(events), committed.get, deduped)
-    rejected.update(r.reason.value for r in deduped.rejected)
-    nothing_stored: dict[bytes, bytes] = {}
-    windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), nothing_stored.get, {}, 0)
-    accepted = 0
-    for _, _, _, event in deduped.accepted:
-        try:
-            windows.add(event)
-            accepted += 1
-        except UnpricedError:
-            rejected[Reason.UNPRICED.value] += 1
-    return expected, accepted, rejected, deduped.duplicates
+    for start in range(0, len(messages), 500):
+        meter.poll([m.value for m in messages[start : start + 500]], NOW)
+    rejected = Counter(reason_of(m.headers) or "none" for m in meter.sent(meter.settings.topic_rejected))
+    accepted = sum(o.counters["accepted"] for o in meter.outcomes)
+    assert accepted == len(meter.accepted())
+    return expected, accepted, rejected, sum(o.counters["duplicates"] for o in meter.outcomes)
 
 
-def test_single_event_plan_matches_the_pipeline_exactly() -> None:
+def test_single_event_plan_matches_the_pipeline_exactly(tmp_path: Path) -> None:
     plan = LoadPlan(
         events=4_000, accounts=20, seed=3, run_id="t1", max_event_bytes=10_000, max_message_bytes=100_000
     )
-    expected, accepted, rejected, duplicates = pipeline_in_memory(plan)
+    expected, accepted, rejected, duplicates = pipeline_in_memory(plan, tmp_path)
     assert accepted == len(expected.accepted)
     assert rejected == expected.rejected
     assert duplicates == expected.duplicates
@@ -62,7 +46,7 @@ def test_single_event_plan_matches_the_pipeline_exactly() -> None:
     assert expected.duplicates > 0.03 * plan.events
 
 
-def test_batch_plan_matches_the_pipeline_exactly() -> None:
+def test_batch_plan_matches_the_pipeline_exactly(tmp_path: Path) -> None:
     plan = LoadPlan(
         events=4_000,
         accounts=20,
@@ -72,7 +56,7 @@ def test_batch_plan_matches_the_pipeline_exactly() -> None:
         max_event_bytes=10_000,
         max_message_bytes=100_000,
     )
-    expected, accepted, rejected, duplicates = pipeline_in_memory(plan)
+    expected, accepted, rejected, duplicates = pipeline_in_memory(plan, tmp_path)
     assert (accepted, rejected, duplicates) == (
         len(expected.accepted),
         expected.rejected,

@@ -26,7 +26,6 @@ from agents.window import (
     WindowConfig,
     WindowResult,
     Windows,
-    decode_key,
 )
 from schemas.charges import Charge, charge_id
 from schemas.events import ApiRequestEvent, GpuUsageEvent, UsageEvent, event_decoder
@@ -89,7 +88,7 @@ class Partition:
 
     def reopen(self) -> Windows:
         """What a restarted worker builds from the committed state."""
-        open_windows = {decode_key(k): _tally.decode(v) for k, v in self.store.items() if k.startswith(OPEN)}
+        open_windows = [(k, v) for k, v in self.store.items() if k.startswith(OPEN)]
         watermark = int(self.store.get(WATERMARK, b"0"))
         self.windows = Windows(CONFIG, plan_of, self.store.get, open_windows, watermark)
         return self.windows
