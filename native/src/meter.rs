@@ -197,12 +197,14 @@ impl MeterCore {
                 key.push(0);
                 key.extend_from_slice(event.id.as_bytes());
                 let partition = self.partition_of(&event.subject);
+                // Another partition's account: forwarded there, where it is deduped and windowed.
+                let event = (partition == self.partition).then_some(event);
                 Item {
                     partition,
                     key,
                     fingerprint: fingerprint(&body),
                     body: Cow::Owned(body),
-                    event: Some(event),
+                    event,
                     offset,
                 }
             })
