@@ -1,6 +1,7 @@
 """A small analytics data set whose every figure is known, for the stats and dashboard tests.
 
-Two accounts on 2026-11-02 (UTC), written through the sink as the agent writes them:
+Two accounts on one day three days ago (UTC: recent, because the lag and balance samples live 30
+days, schemas/clickhouse's TTL), written through the sink as the agent writes them:
 - acct-a: 3 GPU heartbeats (a100, prov-1, 60 s each: 180 GPU-seconds), two at 10:00, one at
   11:05; 2 API requests to /v1/chat (model_inference, product gpt-4, 150 tokens each, one a 500);
 - acct-b: 1 storage event (bucket, 10 GB for 3,600 s: 36,000 GB-seconds) at 10:30; 4 API
@@ -13,13 +14,13 @@ Two accounts on 2026-11-02 (UTC), written through the sink as the agent writes t
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
 from sinks.clickhouse import ClickHouseSink
 
-DAY = date(2026, 11, 2)
+DAY = (datetime.now(UTC) - timedelta(days=3)).date()
 _json = msgspec.json.Encoder()
 
 

@@ -15,9 +15,9 @@ from clickhouse_connect.driver.client import Client
 
 from pipeline.dashboards import DASHBOARDS, Panel, expand, panels
 from sinks.clickhouse import ClickHouseSink, connect, migrate
-from tests.integration.analytics_dataset import load
+from tests.integration.analytics_dataset import DAY, load
 
-TEN = datetime(2026, 11, 2, 10, tzinfo=UTC)
+TEN = datetime(DAY.year, DAY.month, DAY.day, 10, tzinfo=UTC)
 ELEVEN = TEN + timedelta(hours=1)
 # Two hours (minute rollups), three days (hour rollups), a month (day rollups).
 RANGES = {"2h": (TEN, TEN + timedelta(hours=2)), "3d": (TEN - timedelta(days=1), TEN + timedelta(days=2))}
