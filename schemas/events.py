@@ -51,7 +51,10 @@ Seconds = Annotated[int, msgspec.Meta(ge=0, le=31 * 86_400)]
 Quantity = Annotated[
     Decimal,
     msgspec.Meta(
-        description="Non-negative decimal, as a JSON number or a decimal string (exact, never a float).",
+        description=(
+            "Non-negative decimal, as a JSON number or a decimal string (exact, never a float):"
+            " at most 10^15, at most 12 decimal places, no sign."
+        ),
         extra_json_schema={"minimum": 0, "pattern": r"^[0-9]{1,15}(\.[0-9]{1,12})?$"},
     ),
 ]

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -25,9 +26,18 @@ from pydantic import (
     model_validator,
 )
 
-NonNegative = Annotated[Decimal, Field(ge=0)]
-Positive = Annotated[Decimal, Field(gt=0)]
-Percent = Annotated[Decimal, Field(ge=0, le=100)]
+
+def _digits(value: Decimal) -> Decimal:
+    """Money is computed at 28 significant digits (Python's decimal context, and the meter's native
+    core, which reads every price exactly): a price with more is a typo, not a price."""
+    if len(value.as_tuple().digits) > 28:
+        raise ValueError("a price has at most 28 significant digits")
+    return value
+
+
+NonNegative = Annotated[Decimal, Field(ge=0), AfterValidator(_digits)]
+Positive = Annotated[Decimal, Field(gt=0), AfterValidator(_digits)]
+Percent = Annotated[Decimal, Field(ge=0, le=100), AfterValidator(_digits)]
 
 
 class _Model(BaseModel):

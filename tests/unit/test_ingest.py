@@ -51,6 +51,9 @@ def gpu_event(**changes: Any) -> dict[str, Any]:
     return event
 
 
+STORAGE = {"storage_kind": "bucket", "resource_id": "r", "gb": "1", "duration_seconds": 60}
+
+
 def api_event(**changes: Any) -> dict[str, Any]:
     event = {**gpu_event(), "type": "api.request.v1", "id": "api-1"}
     event["data"] = {"endpoint": "/v1/chat", "request_count": 3, "tokens_in": 100, "tokens_out": 20}
@@ -127,6 +130,9 @@ def test_equal_payloads_in_different_spelling_normalize_to_equal_bytes() -> None
         (enc(api_event(data={"tokens_out": -5})), Reason.NEGATIVE_QUANTITY),
         (enc(gpu_event(data={"power_watts": "-350"})), Reason.NEGATIVE_QUANTITY),
         (enc(gpu_event(data={"vram_total_gb": -24, "vram_allocated_gb": -30})), Reason.NEGATIVE_QUANTITY),
+        (enc(gpu_event(data={"power_watts": "-0"})), Reason.NEGATIVE_QUANTITY),  # a signed zero
+        (enc(gpu_event(data={"utilization": "0.1234567890123"})), Reason.SCHEMA_VIOLATION),  # 13 places
+        (enc(api_event(type="storage.usage.v1", data=STORAGE | {"gb": "1E-13"})), Reason.SCHEMA_VIOLATION),
         (enc(gpu_event(time="2026-10-01T00:00:00Z")), Reason.TOO_LATE),
         (enc(gpu_event(time="1970-01-01T00:00:00Z")), Reason.TOO_LATE),
         (enc(gpu_event(time="2026-11-24T12:06:00Z")), Reason.TOO_FAR_IN_FUTURE),

@@ -192,6 +192,19 @@ versions:
     assert any(p.startswith("broken.yaml:10: versions.0.gpu.base_rate_per_hour.a100") for p in problems)
 
 
+def test_a_price_has_at_most_28_significant_digits() -> None:
+    """Money is computed at 28 digits; the meter's native core reads prices exactly."""
+    text = """
+name: long
+versions:
+  - effective_from: "2026-01-01T00:00:00Z"
+    storage_per_gb_month: {bucket: "0.12345678901234567890123456789"}
+"""
+    with pytest.raises(PriceBookError, match="at most 28 significant digits"):
+        parse_price_book(text)
+    assert parse_price_book(text.replace('789"', '78"'))  # 28 digits: a price
+
+
 def test_yaml_numbers_are_read_exactly() -> None:
     book = parse_price_book("""name: n
 versions:
