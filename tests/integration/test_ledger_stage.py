@@ -24,15 +24,22 @@ def test_charges_reach_the_ledger_exactly_once_across_a_kill(tmp_path: Path) -> 
     messages = [charges_encoder.encode(every[i : i + 200]) for i in range(0, len(every), 200)] * 2
     messages.insert(7, b"not a charges batch")
 
+    killed = threading.Event()
+
     async def publish() -> None:
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
         )
         await producer.start()
         try:
-            for message in messages:
+            for index, message in enumerate(messages):
+                if index == len(messages) // 3:
+                    # The rest of the stream waits for the kill, so it lands mid-stream however
+                    # fast or slow the worker is (a 3 s stream once ended before the kill).
+                    await producer.flush()
+                    await asyncio.to_thread(killed.wait, 120)
                 await producer.send(settings.topic_charges, message, key=b"acct")
-                await asyncio.sleep(0.05)  # a stream over ~3 s, so the kill lands mid-way
+                await asyncio.sleep(0.05)
             await producer.flush()
         finally:
             await producer.stop()
@@ -68,6 +75,7 @@ def test_charges_reach_the_ledger_exactly_once_across_a_kill(tmp_path: Path) -> 
             time.sleep(0.05)
         worker.kill()  # mid-stream: some polls written to Postgres, their offsets maybe not committed
         assert publisher.is_alive(), "the stream ended before the kill"
+        killed.set()
         worker.start()
         publisher.join(120)
         deadline = time.monotonic() + 90
