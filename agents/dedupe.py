@@ -10,14 +10,18 @@ account's partition (ingest forwards events that came in on another partition). 
 2. look the identity up, first in this transaction's pending marks, then in the partition store;
 3. unseen -> accepted, and a mark (identity -> fingerprint) is added to the pending marks;
    seen with the same fingerprint -> duplicate, dropped and counted;
-   seen with another fingerprint -> ``id_conflict`` to the dead-letter topic.
+   seen with another fingerprint -> ``id_conflict`` to the dead-letter topic;
+4. an accepted event the windows then refuse (``too_late``, ``unpriced``) is dead-lettered and its
+   mark withdrawn before the next event is deduped, so a corrected copy is accepted wherever it
+   comes, even next in the same message (before the compiled core, dedupe ran over a whole
+   message first, so a copy in the same message met the refused one's mark).
 
 The pending marks leave this core as one changelog message per transaction (``encode_marks``), not
 one write per event: state changes are written once per commit, as Kafka Streams' record cache does.
 The shell (``pipeline.transactional``) commits that message, the accepted batch, the rejections and
 the consumed offsets in one Kafka transaction, and only then applies the marks to the local store.
 
-Steps 1-3 run compiled, per event, inside the meter's native core (``settle`` in
+Steps 1-4 run compiled, per event, inside the meter's native core (``settle`` in
 native/src/meter.rs), which writes its marks' changelog records in this module's format and cut;
 this module keeps the format (``encode_marks`` for the window core's changes, ``decode_marks``
 for restores).

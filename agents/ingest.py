@@ -10,11 +10,11 @@ Per event, in order:
    (a message that is not JSON at all -> ``malformed_json``, the whole message);
 3. decode + validate in one msgspec pass into the type's struct (``unknown_type``,
    ``negative_quantity`` for counts below zero, ``schema_violation`` for the rest);
-4. checks msgspec cannot express: decimal quantities non-negative (no sign, not even on a zero),
-   at most 10^15 with at most 12 decimal places (so every quantity is exact in 28 digits, the
-   precision money is computed in), VRAM allocated within total, utilization within 0..1, event
-   time within [now - horizon, now + tolerance], subject a known account when an account list
-   is configured;
+4. checks msgspec cannot express: decimal quantities non-negative, at most 10^15 and of at most
+   28 significant digits (the precision money is computed in, so every quantity enters it
+   exactly; a float's 17 digits pass), VRAM allocated within total, utilization within 0..1,
+   event time within [now - horizon, now + tolerance], subject a known account when an account
+   list is configured;
 5. normalize: time to UTC, decimals as strings, canonical field order (one encoding per event,
    so equal payloads are equal bytes), then route by ``murmur2(subject)`` - Kafka's default
    partitioner, the one producers key ``usage.raw`` with - to the partition whose meter owns the
@@ -61,9 +61,10 @@ from schemas.rejections import Reason, Rejection, Stage
 log = logging.getLogger(__name__)
 
 # Largest decimal quantity accepted in one event (10^15 GB or W is a producer bug, not usage), and
-# its most decimal places (the published JSON Schema's pattern says the same).
+# its most significant digits: money is computed at 28 (Python's decimal context, and the meter's
+# native core, which reads a quantity exactly only up to 36).
 MAX_QUANTITY = Decimal(10) ** 15
-MAX_PLACES = 12
+MAX_DIGITS = 28
 _ZERO = Decimal(0)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Partition numbers cached per account; cleared when it grows past this (bounded memory).
@@ -250,15 +251,14 @@ class IngestCore:
 
 
 def _exact(quantity: Decimal) -> bool:
-    """No sign and at most ``MAX_PLACES`` decimal places (a finite quantity: checked before)."""
-    sign, _, exponent = quantity.as_tuple()
-    return not sign and isinstance(exponent, int) and exponent >= -MAX_PLACES
+    """At most ``MAX_DIGITS`` significant digits (a finite quantity: checked before)."""
+    return len(quantity.as_tuple().digits) <= MAX_DIGITS
 
 
 def _clean(event: UsageEvent, bounds: _TimeBounds) -> bool:
     """``_check``'s common case in one expression: True only for an event ``_check`` passes
     (known accounts aside: the caller checks those), i.e. within the time bounds, every decimal
-    quantity finite, within bounds and exact (``_exact``), VRAM allocated within total,
+    quantity finite, within bounds and of bounded digits (``_exact``), VRAM allocated within total,
     utilization at most 1. False sends the batch through ``_check`` for the reason."""
     if not bounds.earliest <= event.time <= bounds.latest:
         return False
@@ -380,11 +380,11 @@ def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
     where = f" - at `$.data.{name}`"
     if not value.is_finite():
         return Reason.SCHEMA_VIOLATION, f"{name} must be a finite number, got {value}{where}"
-    if value.is_signed():  # a negative, or a signed zero (-0)
-        return Reason.NEGATIVE_QUANTITY, f"{name} is {value}, must be >= 0 and unsigned{where}"
+    if value < 0:
+        return Reason.NEGATIVE_QUANTITY, f"{name} is {value}, must be >= 0{where}"
     if value > MAX_QUANTITY:
         return Reason.SCHEMA_VIOLATION, f"{name} is {value}, must be <= {MAX_QUANTITY}{where}"
-    return Reason.SCHEMA_VIOLATION, f"{name} is {value}, has more than {MAX_PLACES} decimal places{where}"
+    return Reason.SCHEMA_VIOLATION, f"{name} has more than {MAX_DIGITS} significant digits{where}"
 
 
 def ingest_core(settings: Settings) -> IngestCore:

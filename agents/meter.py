@@ -133,7 +133,7 @@ class MeterTask:
         self.plans.refresh()
         bounds = self.ingest.bounds(now)
         self.core.begin(epoch_micros(bounds.earliest), epoch_micros(bounds.latest))
-        rejected: list[Rejection] = []
+        rejected: list[tuple[int, Rejection]] = []  # (offset, rejection)
         declined = 0
         # The native core takes records until one it declines; the Python ingest core judges
         # that one, and the native core goes on after it.
@@ -144,22 +144,24 @@ class MeterTask:
             start = self.core.ingest(records, start + 1)
         poll = self.core.take()
         rejected.extend(
-            _reject(Reason(reason), detail, raw, f"{self.origin_prefix}{offset}")
+            (offset, _reject(Reason(reason), detail, raw, f"{self.origin_prefix}{offset}"))
             for reason, detail, raw, offset in poll.rejections
         )
-        outcome = self._outcome(poll, rejected, self.windows.close(now))
+        # Dead letters in Kafka order: a message's ingest reasons, then dedupe's and the windows'.
+        in_order = [rejection for _, rejection in sorted(rejected, key=lambda pair: pair[0])]
+        outcome = self._outcome(poll, in_order, self.windows.close(now))
         outcome.counters["records"] = len(records)
         outcome.counters["declined"] = declined
         return outcome
 
     def _ingest_declined(
-        self, record: ConsumerRecord[bytes, bytes], now: datetime, rejected: list[Rejection]
+        self, record: ConsumerRecord[bytes, bytes], now: datetime, rejected: list[tuple[int, Rejection]]
     ) -> None:
         """Validate one message in Python (agents/ingest.py); its accepted records go on through
         the native dedupe and windows (or are forwarded), its rejections into ``rejected``."""
         ingested = self.ingest.new_result(now)
         self.ingest.process(record.value, f"{self.origin_prefix}{record.offset}", ingested)
-        rejected.extend(ingested.rejected)
+        rejected.extend((record.offset, rejection) for rejection in ingested.rejected)
         for partition, accepted in ingested.accepted.drain():
             self.core.accept(
                 partition, [(key, print_, body) for key, print_, body, _ in accepted], record.offset

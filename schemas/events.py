@@ -53,7 +53,7 @@ Quantity = Annotated[
     msgspec.Meta(
         description=(
             "Non-negative decimal, as a JSON number or a decimal string (exact, never a float):"
-            " at most 10^15, at most 12 decimal places, no sign."
+            " at most 10^15, of at most 28 significant digits."
         ),
         extra_json_schema={"minimum": 0, "pattern": r"^[0-9]{1,15}(\.[0-9]{1,12})?$"},
     ),

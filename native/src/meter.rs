@@ -376,38 +376,47 @@ impl MeterCore {
     ) -> PyResult<usize> {
         let windows_ref = self.windows.clone_ref(py);
         let mut windows = windows_ref.bind(py).borrow_mut();
-        let values: Vec<(Bound<'_, PyAny>, i64)> = records
-            .iter()
-            .skip(start)
-            .map(|record| {
-                Ok((
-                    record.getattr(pyo3::intern!(py, "value"))?,
-                    record.getattr(pyo3::intern!(py, "offset"))?.extract()?,
-                ))
-            })
-            .collect::<PyResult<_>>()?;
+        let total = records.len();
         let mut index = start;
-        let mut chunk: Vec<Item<'_>> = Vec::new();
-        let mut declined = false;
-        for (value, offset) in &values {
-            let Ok(bytes) = value.downcast::<PyBytes>() else {
-                declined = true; // None (a tombstone): the Python path says why
-                break;
-            };
-            match self.parse_message(&mut windows, bytes.as_bytes(), *offset) {
-                Ok(items) => chunk.extend(items),
-                Err(Decline) => {
-                    declined = true;
-                    break;
+        // Records are read span by span (8, 16, ... 1,024), so a poll whose every message is
+        // declined costs a few reads per call, not one per remaining record.
+        let mut span = 8;
+        while index < total {
+            let end = (index + span).min(total);
+            span = (span * 2).min(1024);
+            let values = (index..end)
+                .map(|i| {
+                    let record = records.get_item(i)?;
+                    let offset: i64 = record.getattr(pyo3::intern!(py, "offset"))?.extract()?;
+                    Ok((record.getattr(pyo3::intern!(py, "value"))?, offset))
+                })
+                .collect::<PyResult<Vec<(Bound<'_, PyAny>, i64)>>>()?;
+            let mut chunk: Vec<Item<'_>> = Vec::new();
+            let mut declined = None;
+            for (k, (value, offset)) in values.iter().enumerate() {
+                // None (a tombstone) is not bytes: the Python path says why.
+                let parsed = match value.downcast::<PyBytes>() {
+                    Ok(bytes) => self.parse_message(&mut windows, bytes.as_bytes(), *offset),
+                    Err(_) => Err(Decline),
+                };
+                match parsed {
+                    Ok(items) => chunk.extend(items),
+                    Err(Decline) => {
+                        declined = Some(index + k);
+                        break;
+                    }
+                }
+                if chunk.len() >= CHUNK_EVENTS {
+                    self.settle(py, &mut windows, std::mem::take(&mut chunk))?;
                 }
             }
-            index += 1;
-            if chunk.len() >= CHUNK_EVENTS {
-                self.settle(py, &mut windows, std::mem::take(&mut chunk))?;
+            self.settle(py, &mut windows, chunk)?;
+            if let Some(at) = declined {
+                return Ok(at);
             }
+            index = end;
         }
-        self.settle(py, &mut windows, chunk)?;
-        Ok(if declined { index } else { records.len() })
+        Ok(total)
     }
 
     /// Records the Python ingest core accepted from one message, all for `partition`:

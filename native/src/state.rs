@@ -37,6 +37,10 @@ impl Names {
     pub fn get(&self, id: u32) -> &str {
         &self.names[id as usize]
     }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
 }
 
 /// Dimension sets, interned: `()` is id 0.

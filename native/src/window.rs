@@ -127,6 +127,9 @@ pub struct WindowCore {
     pub(crate) arith: Arith,
     zero: Dec,
     one: Dec,
+    /// Interned names after the last compaction: names of windows long closed are dropped once
+    /// the table has doubled (and grown by 100,000) since, so memory follows the live windows.
+    live_names: usize,
 }
 
 fn repr(py: Python<'_>, text: &str) -> String {
@@ -611,12 +614,17 @@ impl WindowCore {
             arith,
             zero,
             one,
+            live_names: 0,
         })
     }
 
-    /// Forget the plans read so far: the plan directory may have changed since the last poll.
+    /// Forget the plans read so far (the plan directory may have changed since the last poll),
+    /// and the interned names no window holds any more, when they have piled up.
     pub fn begin_poll(&mut self) {
         self.plans.clear();
+        if self.names.len() > 2 * self.live_names + 100_000 {
+            self.compact();
+        }
     }
 
     /// Add a normalized event (what ingest wrote); returns None, or (reason, detail) when its
@@ -649,6 +657,12 @@ impl WindowCore {
 
     fn __len__(&self) -> usize {
         self.open.len()
+    }
+
+    /// How many names (accounts, meters, dimensions, units, labels) the core holds interned.
+    #[getter]
+    fn interned(&self) -> usize {
+        self.names.len()
     }
 
     /// The windows the watermark closed (`wall_clock`, when given, advances it first) and the
@@ -716,6 +730,58 @@ impl WindowCore {
 }
 
 impl WindowCore {
+    /// Re-intern what the open and late windows hold, dropping every other name (accounts and
+    /// dimensions of windows long closed). The plans are cleared first: they are keyed by id.
+    fn compact(&mut self) {
+        let (old_names, old_dims) = (
+            std::mem::take(&mut self.names),
+            std::mem::take(&mut self.dims),
+        );
+        self.vocabulary = Vocabulary::new(&mut self.names);
+        let names = &mut self.names;
+        let dims = &mut self.dims;
+        let mut key_of = |key: &Key| {
+            let mut name = |id: u32| names.id(old_names.get(id));
+            let set: Vec<(u32, u32)> = old_dims
+                .get(key.dims)
+                .iter()
+                .map(|&(k, v)| (name(k), name(v)))
+                .collect();
+            let (account, meter) = (name(key.account), name(key.meter));
+            Key {
+                account,
+                meter,
+                dims: dims.id(&set),
+                start: key.start,
+            }
+        };
+        let mut moved = |windows: FxHashMap<Key, Tally>| -> FxHashMap<Key, Tally> {
+            windows
+                .into_iter()
+                .map(|(key, tally)| (key_of(&key), tally))
+                .collect()
+        };
+        let open = moved(std::mem::take(&mut self.open));
+        let late = moved(std::mem::take(&mut self.late));
+        let dirty: FxHashSet<Key> = std::mem::take(&mut self.dirty)
+            .iter()
+            .map(&mut key_of)
+            .collect();
+        let names = &mut self.names;
+        let retag = |tally: &mut Tally, names: &mut Names| {
+            tally.unit = names.id(old_names.get(tally.unit));
+            tally.version = names.id(old_names.get(tally.version));
+            tally.provider = tally.provider.map(|p| names.id(old_names.get(p)));
+        };
+        let (mut open, mut late) = (open, late);
+        open.values_mut()
+            .chain(late.values_mut())
+            .for_each(|tally| retag(tally, names));
+        (self.open, self.late, self.dirty) = (open, late, dirty);
+        self.plans.clear();
+        self.live_names = self.names.len();
+    }
+
     fn entry(
         &self,
         py: Python<'_>,

@@ -140,3 +140,33 @@ def test_changelog_records_stay_under_the_limit_whatever_the_identity_sizes() ->
     records = encode_marks({**short, **long}, limit=512 * 1024)
     assert max(len(r) for r in records) <= 512 * 1024
     assert sum(len(decode_marks(r)) for r in records) == 100_000
+
+
+def gpu(event_id: str, model: str) -> bytes:
+    data: dict[str, object] = {"session_id": "s", "provider_id": "p", "node_id": "n", "gpu_model": model}
+    data |= {"vram_total_gb": "24", "vram_allocated_gb": "12", "power_watts": "300", "utilization": "0.5"}
+    data["interval_seconds"] = 60
+    envelope = {"specversion": "1.0", "id": event_id, "source": "src", "type": "gpu.usage.v1"}
+    return msgspec.json.encode(
+        {**envelope, "time": "2026-11-24T10:00:00Z", "subject": "acct-1", "data": data}
+    )
+
+
+def test_a_refused_events_mark_is_withdrawn_before_the_next_event(tmp_path: Path) -> None:
+    """Dedupe and the windows take a message event by event: an event its book cannot price is
+    dead-lettered and unmarked, so its corrected copy, even next in the same message, is accepted,
+    and a repeat of the refused one is refused again (dead-lettered, not counted a duplicate)."""
+    meter = run(tmp_path, [gpu("a", "b200"), gpu("a", "h100"), gpu("b", "b200"), gpu("b", "b200")])
+    assert meter.accepted() == [normalized(gpu("a", "h100"))]
+    dead = meter.sent(meter.settings.topic_rejected)
+    assert [reason_of(m.headers) for m in dead] == ["unpriced"] * 3
+    assert meter.outcomes[0].counters["duplicates"] == 0
+
+
+def test_dead_letters_leave_in_kafka_order(tmp_path: Path) -> None:
+    """Ingest's reasons (a message the native path declines) and the windows' come out in the
+    order of the messages that caused them."""
+    meter = MeterRun(tmp_path)
+    meter.poll([encode_batch([gpu("a", "b200")]), b"not json", encode_batch([gpu("b", "b200")])], NOW)
+    dead = meter.sent(meter.settings.topic_rejected)
+    assert [reason_of(m.headers) for m in dead] == ["unpriced", "malformed_json", "unpriced"]

@@ -82,24 +82,28 @@ def check(value: bytes, policy: IngestPolicy = POLICY) -> bool:
         assert (output.accepted, output.forwarded, output.marks, output.rejections) == ([], [], [], [])
         return False
     assert expected is not None, f"the native path took a message Python rejects: {value!r}"
-    # This partition's events meet dedupe: a repeat is a duplicate, or an id_conflict if its
-    # payload differs; the first of each is accepted or refused by the windows (unpriced: the
-    # test's book has no price for a random GPU model).
-    firsts: dict[bytes, tuple[bytes, bytes]] = {}
-    repeats, conflicts = 0, []
+    # This partition's events meet dedupe then the windows, event by event: a repeat is a
+    # duplicate, or an id_conflict if its payload differs; a first sighting is accepted, or refused
+    # by the windows (unpriced: the test's book has no price for a random GPU model), which
+    # withdraws its mark at once.
+    refused = [raw for reason, _, raw, _ in output.rejections if reason != "id_conflict"]
+    pending: dict[bytes, bytes] = {}
+    accepted_bodies, repeats, conflicts = [], 0, []
     for key, print_, body in expected.pop(0, []):
-        if key not in firsts:
-            firsts[key] = (print_, body)
-        elif firsts[key][0] == print_:
+        if key not in pending:
+            if body in refused:
+                continue
+            pending[key] = print_
+            accepted_bodies.append(body)
+        elif pending[key] == print_:
             repeats += 1
         else:
             conflicts.append(body)
-    refused = [raw for reason, _, raw, _ in output.rejections if reason != "id_conflict"]
     assert [raw for reason, _, raw, _ in output.rejections if reason == "id_conflict"] == conflicts
     accepted = [bytes(e) for m in output.accepted for e in msgspec.json.decode(m, type=list[msgspec.Raw])]
-    assert sorted(accepted + refused) == sorted(body for _, body in firsts.values())
+    assert accepted == accepted_bodies
     assert output.duplicates == repeats
-    assert dict(output.marks) == {key: print_ for key, (print_, body) in firsts.items() if body in accepted}
+    assert dict(output.marks) == pending
     forwarded = {
         p: [bytes(e) for e in msgspec.json.decode(m, type=list[msgspec.Raw])] for p, m in output.forwarded
     }

@@ -437,3 +437,28 @@ versions:
     }
     assert ("acct-cheap", start, "2026-11-24T12:01:00Z") in charged
     assert ("acct-cheap", T0, "2026-01-01T00:00:00Z") in charged
+
+
+def test_names_of_closed_windows_are_let_go_and_open_windows_keep_their_state() -> None:
+    """The native core interns accounts and dimensions; once the table has piled up past the
+    live windows' names (100,000 here), a poll's start drops the rest, and the open windows read
+    back, and go on adding, exactly as before."""
+    p = Partition()
+    for serial in range(101_000):  # a burst of accounts seen once, all in one window
+        p.windows.add(event("storage.usage.v1", T0, f"burst-{serial}", serial))
+    p.poll(wall_clock=T0 + timedelta(hours=1))  # all of them closed and rated
+    assert len(p.charges) == 101_000
+    later = T0 + timedelta(hours=2)
+    p.poll(*(event("gpu.usage.v1", later, f"acct-{i}", 200_000 + i) for i in range(3)))
+    before = sorted(p.windows.core.open_windows())
+    held = p.windows.core.interned
+    p.windows.core.begin_poll()
+    assert p.windows.core.interned < held - 100_000 and sorted(p.windows.core.open_windows()) == before
+    p.poll(event("gpu.usage.v1", later + timedelta(seconds=1), "acct-0", 300_000))
+    p.poll(wall_clock=later + timedelta(hours=1))
+    gpu = {c.account: c.amount_base_units for c in p.charges if c.meter == "gpu"}
+    assert gpu == {
+        "acct-0": gpu_window_amount(2),
+        "acct-1": gpu_window_amount(1),
+        "acct-2": gpu_window_amount(1),
+    }
