@@ -121,7 +121,8 @@ heartbeats = st.fixed_dictionaries(
     {
         "vram_total_gb": quantities,
         "vram_allocated_gb": st.integers(1, 8),  # the share of the total, made a quantity below
-        "power_watts": quantities,
+        # What only the Python path admits (the native core then re-reads its normalized text).
+        "power_watts": quantities | st.sampled_from(["-0", "1E+2", "0.30000000000000004", "5E-20", "0E-30"]),
         "gpu_model": st.sampled_from(["h100", "a100", "rtx_4090"]),
         "provider_id": st.sampled_from(["prov-1", "prov-min"]),
         "interval_seconds": st.integers(1, 86_400),
