@@ -2,9 +2,9 @@
 
 One ``tally worker`` process runs the whole path (ingest -> meter: dedupe, windows, rating ->
 ledger: Postgres charges, double-entry entries, balances), exactly-once, over pre-published data:
-100 accounts (three in four on API tiers), event times ascending as a live stream's are (~17
-events per charge row in both shapes), so windows close all along the run as the watermark
-passes them. For each shape (single-event messages, 100-event batches):
+100 accounts (three in four on API tiers), event times ascending as a live stream's are (~13 and
+~16 events per charge row, single and batch), so windows close all along the run as the
+watermark passes them. For each shape (single-event messages, 100-event batches):
 - baseline: a bare aiokafka consumer that splits and decodes the same messages (``bench.ingest``);
 - Tally: from the moment the meter's worker has opened every ``usage.raw`` partition (its log's
   clock) to the moment the last charge row of the data's windows is committed in Postgres (the
@@ -44,9 +44,9 @@ from schemas.events import batch_splitter, event_decoder
 from schemas.pricebook import load_price_book
 from sinks.postgres import sqlalchemy_url
 
-# shape: (events per message, events, seconds of event time). Both shapes have ~17 events per
-# charge row (the single shape's fewer events over a third of the time), so they differ only
-# in how events travel.
+# shape: (events per message, events, seconds of event time). ~13 and ~16 events per charge row
+# (the single shape's fewer events over a third of the time), so they differ little but in how
+# events travel.
 SHAPES = {"single": (1, 300_000, 300), "batch": (100, 1_000_000, 900)}
 TARGETS = {"single": 40_000, "batch": 80_000}
 # Extra runs (no target: the targets are for one process): the batch data with the meter (ingest

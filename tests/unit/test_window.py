@@ -406,8 +406,8 @@ def test_sessions_without_a_user_type_or_with_an_unknown_tier() -> None:
 
 
 def test_interleaved_accounts_on_different_books_each_get_their_books_price() -> None:
-    """Windows.add reuses the previous event's price-book version: only for the same book and
-    window start, whatever order accounts and windows come in."""
+    """Interleaved accounts on different books, a book whose version changes between windows:
+    each window is rated at its own book's version, whatever order accounts and windows come in."""
     text = """
 name: cheap
 versions:
