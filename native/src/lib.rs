@@ -8,9 +8,12 @@ mod hashing;
 mod json;
 mod meter;
 mod msgpack;
+mod outputs;
 mod pricing;
+mod schema;
 mod state;
 mod time;
+mod usage;
 mod window;
 
 use pyo3::prelude::*;
@@ -19,8 +22,9 @@ use pyo3::types::PyBytes;
 /// The event field tables this module validates against, for the test that compares them with
 /// schemas/events.py: [(type, [(field, kind, nullable, default)])].
 #[pyfunction]
-fn schema() -> event::Schema {
-    event::schema()
+#[pyo3(name = "schema")]
+fn field_tables() -> schema::Schema {
+    schema::schema()
 }
 
 /// `str()` of a decimal operation, for the tests that hold decimal.rs to Python's `decimal`:
@@ -67,7 +71,7 @@ fn tally_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<window::WindowCore>()?;
     m.add_class::<meter::MeterCore>()?;
     m.add_class::<meter::PollOutput>()?;
-    m.add_function(wrap_pyfunction!(schema, m)?)?;
+    m.add_function(wrap_pyfunction!(field_tables, m)?)?;
     m.add_function(wrap_pyfunction!(decimal_op, m)?)?;
     m.add_function(wrap_pyfunction!(utc_time, m)?)?;
     m.add_function(wrap_pyfunction!(route, m)?)?;

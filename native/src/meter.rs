@@ -25,52 +25,13 @@ use crate::decimal::Dec;
 use crate::event::{read_event, Event, Mode, Policy};
 use crate::hashing::{fingerprint, partition_of};
 use crate::json::{Decline, Res, Scanner};
-use crate::msgpack;
-use crate::window::WindowCore;
+use crate::outputs::{changelog_records, Batcher};
+use crate::window::{repr, WindowCore};
 
 /// Events parsed before their marks are looked up in one store read.
 const CHUNK_EVENTS: usize = 1024;
 /// Accounts whose partition is cached; the cache is cleared past this (bounded memory).
 const PARTITION_CACHE_SIZE: usize = 1_000_000;
-
-/// Greedy cut of items into `[a,b,...]` messages of at most `limit` bytes, as
-/// `schemas.events.cut_by_size` cuts them (an item larger than the limit travels alone).
-struct Batcher {
-    limit: usize,
-    current: Vec<u8>,
-    done: Vec<Vec<u8>>,
-}
-
-impl Batcher {
-    fn new(limit: usize) -> Self {
-        Batcher {
-            limit,
-            current: Vec::new(),
-            done: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, body: &[u8]) {
-        if !self.current.is_empty() && self.current.len() + body.len() + 2 > self.limit {
-            self.finish();
-        }
-        self.current
-            .push(if self.current.is_empty() { b'[' } else { b',' });
-        self.current.extend_from_slice(body);
-    }
-
-    fn finish(&mut self) {
-        if !self.current.is_empty() {
-            self.current.push(b']');
-            self.done.push(std::mem::take(&mut self.current));
-        }
-    }
-
-    fn take(&mut self) -> Vec<Vec<u8>> {
-        self.finish();
-        std::mem::take(&mut self.done)
-    }
-}
 
 /// One validated event on its way through dedupe and the windows.
 struct Item<'a> {
@@ -124,13 +85,6 @@ pub struct MeterCore {
     accepted_count: u64,
     duplicates: u64,
     forwarded_count: u64,
-}
-
-fn repr(py: Python<'_>, text: &str) -> String {
-    pyo3::types::PyString::new(py, text)
-        .repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| format!("{text:?}"))
 }
 
 impl MeterCore {
@@ -467,32 +421,10 @@ impl MeterCore {
         let mut marks: Vec<(Vec<u8>, [u8; 16])> = self.pending.drain().collect();
         // Sorted: RocksDB's memtable takes sorted keys ~1.8x faster (bench/README.md).
         marks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut mark_records = Vec::new();
-        let mut record = Vec::new();
-        let (mut count, mut size) = (0usize, 1usize);
-        let flush = |record: &mut Vec<u8>, count: usize, out: &mut Vec<Py<PyBytes>>| {
-            let mut framed = Vec::with_capacity(record.len() + 5);
-            msgpack::write_array_len(&mut framed, count);
-            framed.extend_from_slice(record);
-            out.push(PyBytes::new(py, &framed).unbind());
-            record.clear();
-        };
-        for (key, print) in &marks {
-            // agents.dedupe.encode_marks' cut: a pair's size is key + value + 12 bytes of framing.
-            let pair = key.len() + print.len() + 12 + 1;
-            if count > 0 && size + pair > self.marks_record_bytes {
-                flush(&mut record, count, &mut mark_records);
-                (count, size) = (0, 1);
-            }
-            msgpack::write_array_len(&mut record, 2);
-            msgpack::write_bin(&mut record, key);
-            msgpack::write_bin(&mut record, print);
-            count += 1;
-            size += pair;
-        }
-        if count > 0 {
-            flush(&mut record, count, &mut mark_records);
-        }
+        let mark_records: Vec<Py<PyBytes>> = changelog_records(&marks, self.marks_record_bytes)
+            .iter()
+            .map(|r| bytes(r))
+            .collect();
         let list = |items: Vec<Bound<'_, PyAny>>| PyList::new(py, items).map(Bound::unbind);
         let accepted = self
             .accepted
