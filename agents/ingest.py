@@ -44,7 +44,6 @@ from aiokafka.partitioner import murmur2
 from pipeline.settings import Settings
 from pipeline.transactional import Outgoing
 from schemas.events import (
-    MAX_BATCH_BYTES,
     GpuUsageEvent,
     SessionStartedEvent,
     StorageUsageEvent,
@@ -52,7 +51,6 @@ from schemas.events import (
     ValidRecord,
     batch_event_decoder,
     batch_splitter,
-    cut_by_size,
     encoder,
     event_decoder,
 )
@@ -85,10 +83,10 @@ class IngestPolicy:
 
 @dataclass(slots=True)
 class PartitionedBatches:
-    """Accepted events re-batched per destination partition, cut into messages of bounded size."""
+    """Accepted events per destination partition, in order (the native core cuts them into
+    messages: native/src/outputs.rs)."""
 
     partitions: int
-    max_message_bytes: int = MAX_BATCH_BYTES
     # partition -> (records, the origin of each: its Kafka record)
     _records: dict[int, tuple[list[ValidRecord], list[str]]] = field(default_factory=dict)
     count: int = 0
@@ -116,24 +114,11 @@ class PartitionedBatches:
             pending[1].append(origin)
         self.count += len(events)
 
-    def take(self, partition: int) -> tuple[list[ValidRecord], list[str]]:
-        """Remove and return one partition's records (and their origins): the meter's own."""
-        return self._records.pop(partition, ([], []))
-
     def drain(self) -> Iterator[tuple[int, list[ValidRecord]]]:
         """Remove and yield every partition's records, partition by partition."""
         records, self._records = self._records, {}
         for partition, (batch, _) in records.items():
             yield partition, batch
-
-    def messages(self) -> Iterator[tuple[int, Sequence[ValidRecord]]]:
-        """(partition, records) per message forwarding them, each under ``max_message_bytes`` as
-        a CloudEvents batch. Sizes are counted here, not per event in ``add``: only events that
-        came in on another account's partition are left to forward."""
-        for partition, (records, _) in self._records.items():
-            sizes = [len(body) for _, _, body, _ in records]
-            for chunk in cut_by_size(records, self.max_message_bytes, sizes):
-                yield partition, chunk
 
 
 class Partitioner:

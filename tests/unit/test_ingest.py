@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.ingest import IngestCore, IngestPolicy, IngestResult, PartitionedBatches, Partitioner
-from schemas.events import encode_batch, event_decoder, fingerprint, identity_key
+from schemas.events import event_decoder, fingerprint, identity_key
 from schemas.rejections import Reason
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -73,7 +73,7 @@ def run(*values: bytes | None) -> IngestResult:
 
 
 def accepted(result: IngestResult) -> list[dict[str, Any]]:
-    return [msgspec.json.decode(raw) for _, records in result.accepted.messages() for _, _, raw, _ in records]
+    return [msgspec.json.decode(raw) for _, records in result.accepted.drain() for _, _, raw, _ in records]
 
 
 def reasons(result: IngestResult) -> list[str]:
@@ -96,7 +96,7 @@ def test_equal_payloads_in_different_spelling_normalize_to_equal_bytes() -> None
     one = enc(gpu_event())
     other = json.dumps(dict(reversed(list(gpu_event(time="2026-11-24T12:59:00+01:00").items()))), indent=1)
     result = run(one, other.encode())
-    (_partition, events), *_ = list(result.accepted.messages())
+    (_partition, events), *_ = list(result.accepted.drain())
     assert len(events) == 2
     assert events[0] == events[1]
 
@@ -158,7 +158,7 @@ def test_quantities_of_up_to_28_digits_are_accepted_as_they_are() -> None:
     for watts in ["0.30000000000000004", "-0", "1E+2", "0." + "1" * 28, 350.25]:
         result = run(enc(gpu_event(data={"power_watts": watts})))
         assert result.rejected == [], watts
-        [(_, [(_, _, body, _)])] = list(result.accepted.messages())
+        [(_, [(_, _, body, _)])] = list(result.accepted.drain())
         assert msgspec.json.decode(body)["data"]["power_watts"] == str(Decimal(str(watts)))
 
 
@@ -191,26 +191,24 @@ def test_an_empty_batch_yields_nothing() -> None:
 def test_events_are_routed_by_account_with_kafkas_partitioner() -> None:
     result = run(enc([gpu_event(id=str(i), subject=f"acct-{1 + i % 2}") for i in range(10)]))
     partitioner = Partitioner(6)
-    for partition, events in result.accepted.messages():
+    for partition, events in result.accepted.drain():
         assert {partitioner(msgspec.json.decode(e)["subject"]) for _, _, e, _ in events} == {partition}
     # Partitions Kafka's Java producer picks among 1000 for these keys (kafka-python's compatibility table).
     java = {"": 681, "a": 524, "ab": 434, "abc": 107, "123456789": 566}
     assert {key: Partitioner(1000)(key) for key in java} == java
 
 
-def test_output_messages_are_cut_at_the_size_limit() -> None:
-    batches = PartitionedBatches(partitions=1, max_message_bytes=1000)
+def test_accepted_records_carry_identity_and_fingerprint_in_order() -> None:
+    batches = PartitionedBatches(partitions=1)
     events = [event_decoder.decode(enc(api_event(id=f"id-{i:02d}"))) for i in range(25)]
     batches.add(events, Partitioner(1), "usage.raw/0/0")
-    messages = [encode_batch([body for _, _, body, _ in records]) for _, records in batches.messages()]
-    assert all(len(m) <= 1000 for m in messages)
-    decoded = [record for _, records in batches.messages() for record in records]
+    assert batches.count == 25
+    [(partition, decoded)] = list(batches.drain())
+    assert partition == 0 and list(batches.drain()) == []
     assert [key for key, _, _, _ in decoded] == [
         identity_key("node-agent/eu-1", f"id-{i:02d}") for i in range(25)
     ]
     assert all(fp == fingerprint(event) for _, fp, event, _ in decoded)
-    assert len(messages) > 2
-    assert batches.count == 25
 
 
 @settings(max_examples=300, deadline=None)
@@ -274,7 +272,7 @@ def test_deeply_nested_arrays_are_dead_lettered_not_raised() -> None:
 def test_a_clean_batch_comes_out_as_its_events_would_one_by_one(events: list[dict[str, Any]]) -> None:
     as_batch = run(enc(events))  # small and clean: the one-call fast path
     one_by_one = run(*(enc(e) for e in events))
-    assert list(as_batch.accepted.messages()) == list(one_by_one.accepted.messages())
+    assert list(as_batch.accepted.drain()) == list(one_by_one.accepted.drain())
     assert as_batch.rejected == []
 
 
@@ -336,5 +334,5 @@ def test_the_batch_fast_path_accepts_exactly_what_the_checks_accept(events: list
         event["id"] = f"e{index}"
     as_batch = run(enc(events))
     one_by_one = run(*(enc(e) for e in events))
-    assert list(as_batch.accepted.messages()) == list(one_by_one.accepted.messages())
+    assert list(as_batch.accepted.drain()) == list(one_by_one.accepted.drain())
     assert reasons(as_batch) == reasons(one_by_one)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agents.ingest import MAX_QUANTITY, IngestCore, IngestPolicy, Partitioner, epoch_micros
 from agents.window import AccountPlan, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, generate
-from schemas.events import EVENT_CLASSES, encode_batch
+from schemas.events import EVENT_CLASSES, cut_by_size, encode_batch
 from tests.unit.meter_in_memory import BOOK
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -40,7 +40,9 @@ class Record(msgspec.Struct):
     offset: int = 7
 
 
-def native(policy: IngestPolicy = POLICY, partition: int = 0) -> tally_native.MeterCore:
+def native(
+    policy: IngestPolicy = POLICY, partition: int = 0, batch_bytes: int = 512 * 1024
+) -> tally_native.MeterCore:
     nothing: dict[bytes, bytes] = {}
     windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), nothing.get, [], 0)
     core = tally_native.MeterCore(
@@ -49,7 +51,7 @@ def native(policy: IngestPolicy = POLICY, partition: int = 0) -> tally_native.Me
         PARTITIONS,
         policy.max_message_bytes,
         policy.max_event_bytes,
-        512 * 1024,
+        batch_bytes,
         512 * 1024,
         policy.known_accounts,
         str(MAX_QUANTITY),
@@ -380,3 +382,21 @@ def test_identity_fingerprint_and_partition_are_the_python_ones() -> None:
         core = native(partition=partition)  # the event's own partition: it is marked there
         assert core.ingest([Record(value)], 0) == 1
         assert core.take().marks == [(key, print_)]
+
+
+def test_output_messages_are_cut_at_the_size_limit() -> None:
+    """Accepted and forwarded batches stay under the limit (``cut_by_size``'s cut), in order."""
+    core = native(DEFAULTS, partition=0, batch_bytes=4_000)
+    values = loadgen_messages(100)
+    for value in values:
+        core.ingest([Record(value)], 0)
+    output = core.take()
+    batches = [*output.accepted, *(m for _, m in output.forwarded)]
+    assert len(output.accepted) > 10 and len(output.forwarded) > 10
+    assert all(len(m) <= 4_000 for m in batches)
+    events = [e for m in batches for e in msgspec.json.decode(m, type=list[msgspec.Raw])]
+    assert len(events) == output.accepted_count + output.forwarded_count
+    for cut in (output.accepted, [m for p, m in output.forwarded if p == 1]):
+        run = [bytes(e) for m in cut for e in msgspec.json.decode(m, type=list[msgspec.Raw])]
+        again = list(cut_by_size(run, 4_000))
+        assert [encode_batch(list(chunk)) for chunk in again] == cut  # the very same cut
