@@ -22,7 +22,7 @@ use pyo3::types::{PyBytes, PyList};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::decimal::Dec;
-use crate::event::{read_event, Event, Mode, Policy};
+use crate::event::{read_event, read_normalized, Event, Mode, Policy};
 use crate::hashing::{fingerprint, partition_of};
 use crate::json::{Decline, Res, Scanner};
 use crate::outputs::{changelog_records, Batcher};
@@ -388,14 +388,7 @@ impl MeterCore {
         for (key, print, body) in &records {
             let body = body.as_bytes();
             let event = if partition == self.partition {
-                let mut scanner = Scanner::new(body);
-                let parsed = read_event(
-                    &mut scanner,
-                    Mode::Trusted,
-                    &mut windows.arith,
-                    None,
-                    &mut Vec::new(),
-                );
+                let parsed = read_normalized(body, &mut windows.arith);
                 Some(parsed.map_err(|_| {
                     pyo3::exceptions::PyValueError::new_err("not a normalized event")
                 })?)

@@ -14,8 +14,7 @@ use pyo3::types::{PyBytes, PyString};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::decimal::{Arith, Dec};
-use crate::event::{read_event, Event, Kind, Mode};
-use crate::json::Scanner;
+use crate::event::{read_normalized, Event, Kind};
 use crate::pricing::{Book, Version};
 use crate::state::{self, DimsTable, Key, Names, Tally, WATERMARK};
 use crate::time::{floor_seconds, isoformat};
@@ -282,15 +281,8 @@ impl WindowCore {
         py: Python<'_>,
         body: &[u8],
     ) -> PyResult<Option<(&'static str, String)>> {
-        let mut scanner = Scanner::new(body);
-        let event = read_event(
-            &mut scanner,
-            Mode::Trusted,
-            &mut self.arith,
-            None,
-            &mut Vec::new(),
-        )
-        .map_err(|_| PyValueError::new_err("not a normalized event"))?;
+        let event = read_normalized(body, &mut self.arith)
+            .map_err(|_| PyValueError::new_err("not a normalized event"))?;
         Ok(self
             .add(py, &event)?
             .err()
