@@ -59,7 +59,7 @@ class LedgerTask(StatelessTask):
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 rejected.append(self._reject(record, f"not a charges batch: {exc}"))
                 continue
-            if any(c.platform_fee_base_units > c.amount_base_units for c in charges):
+            if any(_fee_outside(c) for c in charges):
                 rejected.append(self._reject(record, "a platform fee exceeds its charge"))
                 continue
             batches.append((record, charges))
@@ -107,3 +107,10 @@ class LedgerStage:
 
     async def open_task(self, partition: int) -> LedgerTask:
         return LedgerTask(self.settings, partition, self.writer)
+
+
+def _fee_outside(charge: Charge) -> bool:
+    """The platform fee is a share of its charge: of its sign (a credit's fee is credited too), and
+    no larger."""
+    fee, amount = charge.platform_fee_base_units, charge.amount_base_units
+    return abs(fee) > abs(amount) or fee * amount < 0

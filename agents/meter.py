@@ -60,7 +60,8 @@ from tally_native import MeterCore, PollOutput
 
 from agents.dedupe import MARKS_RECORD_BYTES, decode_marks, encode_marks
 from agents.ingest import MAX_QUANTITY, IngestCore, epoch_micros, ingest_core, rejection_message
-from agents.window import OPEN, WATERMARK, Plans, WindowConfig, WindowResult, Windows
+from agents.plans import Plans
+from agents.window import Stored, WindowConfig, WindowResult, Windows
 from pipeline.plans import PlanDirectory
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing
@@ -84,6 +85,7 @@ def window_config(settings: Settings) -> WindowConfig:
         size=int(settings.window_size.total_seconds()),
         grace=int(settings.window_grace.total_seconds()),
         horizon=int(settings.dedupe_horizon.total_seconds()),
+        idle_timeout=int(settings.session_idle_timeout.total_seconds()),
     )
 
 
@@ -112,7 +114,7 @@ class MeterTask:
             ("tally.forwarded-from", f"{settings.topic_raw}/{partition}".encode()),
         ]
         self.idle_close = settings.window_idle_close.total_seconds()
-        self.windows = Windows(window_config(settings), plans.plan_of, store.get, *load_windows(store))
+        self.windows = Windows(window_config(settings), plans, store.get, Stored.load(store))
         self.core = MeterCore(
             self.windows.core,
             partition,
@@ -132,7 +134,7 @@ class MeterTask:
         self._last_input = time.monotonic()
         self.plans.refresh()
         bounds = self.ingest.bounds(now)
-        self.core.begin(epoch_micros(bounds.earliest), epoch_micros(bounds.latest))
+        self.core.begin(epoch_micros(bounds.earliest), epoch_micros(bounds.latest), self.plans.generation)
         rejected: list[tuple[int, Rejection]] = []  # (offset, rejection)
         declined = 0
         # The native core takes records until one it declines; the Python ingest core judges
@@ -147,7 +149,8 @@ class MeterTask:
             (offset, _reject(Reason(reason), detail, raw, f"{self.origin_prefix}{offset}"))
             for reason, detail, raw, offset in poll.rejections
         )
-        # Dead letters in Kafka order: a message's ingest reasons, then dedupe's and the windows'.
+        # Dead letters in Kafka order: a message's ingest reasons, then dedupe's and the windows';
+        # after them the usage of closed windows that could not be priced.
         in_order = [rejection for _, rejection in sorted(rejected, key=lambda pair: pair[0])]
         outcome = self._outcome(poll, in_order, self.windows.close(now))
         outcome.counters["records"] = len(records)
@@ -172,6 +175,7 @@ class MeterTask:
         if not len(self.windows.core) or time.monotonic() - self._last_input < self.idle_close:
             return None
         self.plans.refresh()
+        self.windows.core.begin_poll(self.plans.generation)
         closed = self.windows.close(now, wall_clock=int(now.timestamp()))
         if not closed.changes:
             return None
@@ -181,6 +185,7 @@ class MeterTask:
         """One poll's messages: changelog records first (their metadata leads in ``committed``),
         then the accepted batch, the charges, the dead letters and the forwarded events. Every
         message is cut to a bounded size (one poll can bring ~20 MiB of events for a partition)."""
+        rejected = [*rejected, *closed.rejected]
         mark_records = poll.mark_records if poll is not None else []
         changelog = [
             *mark_records,
@@ -223,12 +228,6 @@ class MeterTask:
 
 def _reject(reason: Reason, detail: str, raw: bytes, origin: str) -> Rejection:
     return Rejection(reason=reason, detail=detail, original=raw, origin=origin, stage=Stage.METER)
-
-
-def load_windows(store: Store) -> tuple[list[tuple[bytes, bytes]], int]:
-    """The open windows (as stored) and the watermark a store holds."""
-    raw = store.get(WATERMARK)
-    return list(store.items(OPEN)), int(raw) if raw else 0
 
 
 class MeterStage:

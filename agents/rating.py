@@ -1,65 +1,64 @@
-"""Rating: usage in, charge lines out (pure: no I/O, no clock reads).
+"""Rating: what a closed window's usage charges (pure: no I/O, no clock reads).
 
-Every amount is computed exactly with ``Decimal`` and turned into the token's base units once per
-charge line, by the one rounding rule (``to_base_units``: half-even at the base unit). docs/PRICING.md
-has the rule and worked examples. A line says what was rated (quantity, unit, unit price), the
-exact and the rounded amount, and the price-book version used.
+docs/PRICING.md states every rule this module follows; in short:
+- amounts are exact: decimals (``EXACT``: 200 digits, any inexact result raises) and, where a
+  VRAM share divides, fractions; nothing is rounded until a charge is made;
+- a billing period (a UTC month) is the unit of rounding: per (account, meter, dimensions,
+  period) the charges made so far add up to the period's exact amount rounded half-even to base
+  units, once (``base_units``); each window's charge is that rounded total minus what the period
+  charged before, so a correction can be negative (a credit);
+- time meters (``gpu``, ``storage:<kind>``, ``compute:<tier>``) were priced per event when the
+  usage was accepted (native/src/usage.rs): ``LinearPeriod`` only sums and rounds;
+- period meters (``api_overage``, ``product:<id>``) are priced here, from the period's usage in
+  the order of its plan-and-version segments (``SegmentedPeriod``): each segment's units at its
+  own prices, positioned after the units of the segments before it, so quotas, included
+  allowances and tiers count across the whole period whatever the arrival order.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from datetime import datetime
+import decimal
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
+from functools import lru_cache
 
-from schemas.pricebook import (
-    ApiTier,
-    Flat,
-    GpuRates,
-    Graduated,
-    Package,
-    PerUnit,
-    PriceBook,
-    PriceBookVersion,
-    Pricing,
-    Volume,
+import msgspec
+
+from schemas.pricebook import ApiTier, Flat, Graduated, Package, PerUnit, Pricing, Product, Volume
+
+SECONDS_PER_HOUR = 3600
+SECONDS_PER_MONTH = 30 * 24 * SECONDS_PER_HOUR  # storage's GB-month: 30 days
+# Sums and products of prices and quantities within their bounds need at most ~120 digits; an
+# operation that would round raises instead (Inexact is trapped), so no amount is ever cut.
+EXACT = decimal.Context(
+    prec=200,
+    rounding=ROUND_HALF_EVEN,
+    Emax=999_999,
+    Emin=-999_999,
+    traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow, decimal.Inexact],
 )
-from schemas.quote import ApiQuote, GpuQuote, QuoteLine, StorageQuote
-
-SECONDS_PER_HOUR = Decimal(3600)
-HOURS_PER_MONTH = Decimal(720)  # storage's GB-month: 30 days
 _ZERO = Decimal(0)
+Money = Fraction | Decimal | int
 
 
-@dataclass(frozen=True, slots=True)
-class ChargeLine:
-    meter: str  # gpu, api_fee, api_overage, product:<id>, compute, storage:<kind>, one_time:<item>
-    quantity: Decimal
-    unit: str
-    unit_price: Decimal
-    amount: Decimal  # exact, before rounding
-    amount_base_units: int  # what is charged
-    price_version: str
+def base_units(amount: Money, decimals: int) -> int:
+    """THE rounding rule: an exact amount of tokens -> integer base units, half to even."""
+    return round(Fraction(amount) * Fraction(10) ** decimals)
 
 
-def to_base_units(amount: Decimal, decimals: int) -> int:
-    """THE rounding rule: exact amount -> integer base units, half-even, once per charge line."""
-    return int((amount * (Decimal(10) ** decimals)).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+def divisor(meter: str) -> int:
+    """Time meters sum per-second amounts (GPU-seconds, GB-seconds, session seconds at an hourly
+    or monthly price) and divide once, when the charge is made."""
+    if meter == "gpu" or meter.startswith("compute:"):
+        return SECONDS_PER_HOUR
+    if meter.startswith("storage:"):
+        return SECONDS_PER_MONTH
+    return 1
 
 
-def line(  # noqa: PLR0917  # one positional per column of a charge line
-    meter: str,
-    quantity: Decimal,
-    unit: str,
-    unit_price: Decimal,
-    amount: Decimal,
-    version: PriceBookVersion,
-    decimals: int,
-) -> ChargeLine:
-    return ChargeLine(
-        meter, quantity, unit, unit_price, amount, to_base_units(amount, decimals), version.label
-    )
+def is_period_meter(meter: str) -> bool:
+    """Meters priced from the period's cumulative usage (quotas, tiers, allowances)."""
+    return meter == "api_overage" or meter.startswith("product:")
 
 
 # Pricing models ---------------------------------------------------------------------------------
@@ -67,244 +66,136 @@ def line(  # noqa: PLR0917  # one positional per column of a charge line
 
 def price(pricing: Pricing, quantity: Decimal) -> Decimal:
     """The exact amount ``pricing`` charges for ``quantity`` (after its included allowance)."""
-    billable = max(_ZERO, quantity - pricing.included)
-    if isinstance(pricing, Flat):
-        amount = pricing.amount
-    elif isinstance(pricing, PerUnit):
-        amount = billable * pricing.unit_price
-    elif isinstance(pricing, Package):
-        amount = Decimal(math.ceil(billable / pricing.package_size)) * pricing.package_price
-    elif isinstance(pricing, Graduated):
-        amount, floor = _ZERO, _ZERO
-        for tier in pricing.tiers:
-            top = billable if tier.up_to is None else min(billable, tier.up_to)
-            if top > floor:
-                amount += (top - floor) * tier.unit_price + tier.flat_fee
-            floor = top if tier.up_to is None else tier.up_to
-            if billable <= floor:
-                break
-    elif isinstance(pricing, Volume):
-        # The first tier whose bound the quantity stays within; past the last bound, the last tier.
-        chosen = next((t for t in pricing.tiers if t.up_to is None or billable <= t.up_to), pricing.tiers[-1])
-        amount = billable * chosen.unit_price + (chosen.flat_fee if billable > 0 else _ZERO)
-    else:  # pragma: no cover - the union is closed
-        raise TypeError(pricing)
-    if amount > 0 and amount < pricing.minimum:
-        return pricing.minimum
-    return amount
+    with decimal.localcontext(EXACT):
+        billable = max(_ZERO, quantity - pricing.included)
+        if isinstance(pricing, Flat):
+            amount = pricing.amount if billable > 0 else _ZERO
+        elif isinstance(pricing, PerUnit):
+            amount = billable * pricing.unit_price
+        elif isinstance(pricing, Package):
+            packages, rest = divmod(billable, pricing.package_size)
+            amount = (packages + (1 if rest else 0)) * pricing.package_price
+        elif isinstance(pricing, Graduated):
+            amount, floor = _ZERO, _ZERO
+            for tier in pricing.tiers:
+                top = billable if tier.up_to is None else min(billable, tier.up_to)
+                if top > floor:
+                    amount += (top - floor) * tier.unit_price + tier.flat_fee
+                floor = top if tier.up_to is None else tier.up_to
+                if billable <= floor:
+                    break
+        elif isinstance(pricing, Volume):
+            # The first tier whose bound the quantity stays within; past the last bound, the last.
+            chosen = next(
+                (t for t in pricing.tiers if t.up_to is None or billable <= t.up_to), pricing.tiers[-1]
+            )
+            amount = billable * chosen.unit_price + (chosen.flat_fee if billable > 0 else _ZERO)
+        else:  # pragma: no cover - the union is closed
+            raise TypeError(pricing)
+        if 0 < amount < pricing.minimum:
+            return pricing.minimum
+        return amount
 
 
-# GPU rental (seed 000) ----------------------------------------------------------------------------
+def overage(tier: ApiTier, requests: int) -> Decimal:
+    """What ``requests`` in one period cost on ``tier`` beyond its fee: those over the quota."""
+    with decimal.localcontext(EXACT):
+        return max(0, requests - tier.included_requests) * tier.overage_per_request
 
 
-def billable_seconds(seconds: int, rates: GpuRates, session_total_seconds: int | None = None) -> int:
-    """Rounds up to the billing granularity (per minute by default); a session shorter than the
-    minimum length is billed the minimum (``session_total_seconds`` given at session end)."""
-    step = rates.billing_granularity_seconds
-    billed = -(-seconds // step) * step  # ceiling division in integers: no float in between
-    if session_total_seconds is not None:
-        billed = max(billed, rates.minimum_session_minutes * 60)
-    return billed
+# Period state -----------------------------------------------------------------------------------
 
 
-def gpu_hourly_rate(  # noqa: PLR0917  # the seed's pricing inputs, in its order
-    rates: GpuRates,
-    gpu_model: str,
-    vram_total_gb: Decimal,
-    vram_allocated_gb: Decimal,
-    power_watts: Decimal,
-    demand: Decimal | None = None,
-    provider_minimum: Decimal | None = None,
-) -> Decimal:
-    """Price per hour of one GPU: VRAM-weighted base (or per-GB) + power, times demand, floored
-    at the provider's minimum rate."""
-    if rates.vram_pricing == "fractional":
-        share = vram_allocated_gb / vram_total_gb if vram_total_gb > 0 else Decimal(1)
-        compute = rates.base_rate_per_hour[gpu_model] * share
-    else:
-        assert rates.vram_rate_per_gb_hour is not None  # the model validator guarantees it
-        compute = vram_allocated_gb * rates.vram_rate_per_gb_hour
-    hourly = compute + power_watts * rates.power_rate_per_watt_hour
-    multiplier = demand or rates.demand_multiplier
-    if multiplier != 1:  # x * 1 is x, digits and exponent alike: skipped, as most books have none
-        hourly *= multiplier
-    return max(hourly, provider_minimum) if provider_minimum else hourly
+class LinearPeriod(msgspec.Struct, array_like=True, gc=False):
+    """A time meter's billing period: its exact amount so far and what it charged; for a GPU
+    provider's charges also the platform fee's exact share and what was split off."""
+
+    exact: str = "0"  # a Fraction's text
+    charged: int = 0
+    fee_exact: str = "0"
+    fee_charged: int = 0
+
+    def charge(self, amount: Fraction, decimals: int, fee_percent: Decimal | None) -> tuple[int, int]:
+        """Add a window's exact amount; return (its charge, the platform fee of it)."""
+        exact = Fraction(self.exact) + amount
+        line = base_units(exact, decimals) - self.charged
+        self.exact, self.charged = str(exact), self.charged + line
+        if fee_percent is None:
+            return line, 0
+        # The fee is the period's charges x the fee percent, rounded once: fee + earnings = charge.
+        fee_exact = Fraction(self.fee_exact) + Fraction(line) * Fraction(fee_percent) / 100
+        fee = round(fee_exact) - self.fee_charged
+        self.fee_exact, self.fee_charged = str(fee_exact), self.fee_charged + fee
+        return line, fee
 
 
-def rate_gpu(
-    version: PriceBookVersion,
-    decimals: int,
-    gpu_model: str,
-    seconds: int,
-    *,
-    gpu_count: int = 1,
-    vram_total_gb: Decimal,
-    vram_allocated_gb: Decimal,
-    power_watts: Decimal,
-    demand: Decimal | None = None,
-    provider_minimum: Decimal | None = None,
-) -> ChargeLine:
-    rates = version.gpu
-    if rates is None:
-        raise LookupError(f"price book version {version.label} has no GPU rates")
-    if gpu_model not in rates.base_rate_per_hour:
-        raise LookupError(f"no rate for GPU model {gpu_model!r}")
-    hourly = gpu_hourly_rate(
-        rates, gpu_model, vram_total_gb, vram_allocated_gb, power_watts, demand, provider_minimum
-    )
-    hours = Decimal(seconds) / SECONDS_PER_HOUR * gpu_count
-    return line("gpu", hours, "gpu_hour", hourly, hours * hourly, version, decimals)
+class Segment(msgspec.Struct, array_like=True, gc=False):
+    """A period meter's usage under one plan and price-book version (from ``since``), and the
+    prices it was first rated with (a snapshot: a later edit of the book does not re-price it)."""
+
+    since: int
+    used: int
+    pricing: bytes  # the ApiTier or Product, as JSON
+    version: str
 
 
-def split_platform_fee(amount_base_units: int, rates: GpuRates) -> tuple[int, int]:
-    """(platform fee, provider earnings) of a charge, in base units; they add up to the charge
-    exactly (the fee is rounded half-even, the provider gets the rest)."""
-    fee = to_base_units(Decimal(amount_base_units) * rates.platform_fee_percent / 100, 0)
-    return fee, amount_base_units - fee
+class SegmentedPeriod(msgspec.Struct, array_like=True, gc=False):
+    segments: list[Segment] = msgspec.field(default_factory=list)
+    charged: int = 0
 
+    def charge(self, meter: str, since: int, used: int, decimals: int) -> int:
+        """Add a window's units to its segment (``since``, which must exist); return its charge."""
+        segment = next(s for s in self.segments if s.since == since)
+        segment.used += used
+        line = base_units(self.exact(meter), decimals) - self.charged
+        self.charged += line
+        return line
 
-# API tiers (seed 004) -------------------------------------------------------------------------------
-
-
-def rate_api_requests(
-    version: PriceBookVersion, decimals: int, tier_name: str, used_before: int, requests: int
-) -> tuple[ChargeLine | None, int]:
-    """Overage for ``requests`` more in a billing period where ``used_before`` were already used:
-    only requests beyond the included quota pay, and each request is counted once, whatever
-    windows the period's requests arrive in. Returns (overage line or None, used after)."""
-    tier = _tier(version, tier_name)
-    used_after = used_before + requests
-    over = max(0, used_after - tier.included_requests) - max(0, used_before - tier.included_requests)
-    if over == 0:
-        return None, used_after
-    quantity = Decimal(over)
-    amount = quantity * tier.overage_per_request
-    return line(
-        "api_overage", quantity, "request", tier.overage_per_request, amount, version, decimals
-    ), used_after
-
-
-def rate_api_fee(version: PriceBookVersion, decimals: int, tier_name: str) -> ChargeLine:
-    tier = _tier(version, tier_name)
-    return line("api_fee", Decimal(1), "period", tier.monthly_fee, tier.monthly_fee, version, decimals)
-
-
-def _tier(version: PriceBookVersion, tier_name: str) -> ApiTier:
-    try:
-        return version.api_tiers[tier_name]
-    except KeyError:
-        raise LookupError(f"no API tier {tier_name!r} in price book version {version.label}") from None
-
-
-# Products, compute, storage, one-time (seeds 002, 003) ----------------------------------------------
-
-
-def rate_product(version: PriceBookVersion, decimals: int, product_id: str, quantity: Decimal) -> ChargeLine:
-    product = version.products.get(product_id)
-    if product is None:
-        raise LookupError(f"no price for product {product_id!r}")
-    amount = price(product.pricing, quantity)
-    unit_price = amount / quantity if quantity > 0 else _ZERO
-    return line(f"product:{product_id}", quantity, product.unit, unit_price, amount, version, decimals)
-
-
-def rate_compute(
-    version: PriceBookVersion, decimals: int, user_type: str, resource_tier: str, seconds: int
-) -> ChargeLine:
-    try:
-        hourly = version.compute_per_hour[user_type][resource_tier]
-    except KeyError:
-        raise LookupError(f"no compute rate for {user_type!r} x {resource_tier!r}") from None
-    hours = Decimal(seconds) / SECONDS_PER_HOUR
-    return line(f"compute:{resource_tier}", hours, "hour", hourly, hours * hourly, version, decimals)
-
-
-def rate_storage(
-    version: PriceBookVersion, decimals: int, kind: str, gb: Decimal, seconds: int
-) -> ChargeLine:
-    try:
-        per_gb_month = version.storage_per_gb_month[kind]
-    except KeyError:
-        raise LookupError(f"no storage rate for {kind!r}") from None
-    gb_months = gb * Decimal(seconds) / SECONDS_PER_HOUR / HOURS_PER_MONTH
-    return line(
-        f"storage:{kind}", gb_months, "gb_month", per_gb_month, gb_months * per_gb_month, version, decimals
-    )
-
-
-def rate_one_time(version: PriceBookVersion, decimals: int, item: str) -> ChargeLine:
-    try:
-        amount = version.one_time[item]
-    except KeyError:
-        raise LookupError(f"no one-time price for {item!r}") from None
-    return line(f"one_time:{item}", Decimal(1), "item", amount, amount, version, decimals)
-
-
-# Quotes: usage lines without Kafka or a database (``tally quote``) --------------------------------
-
-
-@dataclass
-class QuoteSession:
-    """Rates quote lines in order. API quota used per (subject, tier, month) carries across lines,
-    so a period's included requests and overage are rated over all of them."""
-
-    book: PriceBook
-    default_plan: str | None = None
-    quota_used: dict[tuple[str, str, str], int] = field(default_factory=dict)
-
-    def period_fees(self) -> list[tuple[str, str, str, ChargeLine]]:
-        """(subject, tier, month, fee line) for every billing period the API lines touched."""
-        decimals = self.book.token.decimals
-        fees = []
-        for subject, tier, month in sorted(self.quota_used):
-            version = self.book.version_at(datetime.fromisoformat(f"{month}-01T00:00:00+00:00"))
-            fees.append((subject, tier, month, rate_api_fee(version, decimals, tier)))
-        return fees
-
-    def rate(self, usage: QuoteLine) -> list[ChargeLine]:
-        version = self.book.version_at(usage.time)
-        decimals = self.book.token.decimals
-        plan = usage.plan or self.default_plan
-        if isinstance(usage, GpuQuote):
-            rates = version.gpu
-            if rates is None:
-                raise LookupError(f"price book version {version.label} has no GPU rates")
-            gpu = usage.data
-            minimum = Decimal(usage.provider_minimum) if usage.provider_minimum else None
-            return [
-                rate_gpu(
-                    version,
-                    decimals,
-                    gpu.gpu_model,
-                    billable_seconds(gpu.interval_seconds, rates),
-                    gpu_count=gpu.gpu_count,
-                    vram_total_gb=gpu.vram_total_gb,
-                    vram_allocated_gb=gpu.vram_allocated_gb,
-                    power_watts=gpu.power_watts,
-                    provider_minimum=minimum,
+    def exact(self, meter: str) -> Decimal:
+        """The period's exact amount: each segment's units priced after the units before it."""
+        with decimal.localcontext(EXACT):
+            amount, before = _ZERO, 0
+            for segment in sorted(self.segments, key=lambda s: s.since):
+                after = before + segment.used
+                amount += segment_price(meter, segment.pricing, after) - segment_price(
+                    meter, segment.pricing, before
                 )
-            ]
-        if isinstance(usage, ApiQuote):
-            api = usage.data
-            lines: list[ChargeLine] = []
-            if plan is not None:
-                period = (usage.subject, plan, usage.time.strftime("%Y-%m"))
-                overage, self.quota_used[period] = rate_api_requests(
-                    version, decimals, plan, self.quota_used.get(period, 0), api.request_count
-                )
-                lines += [overage] if overage else []
-            if api.product_id is not None and api.product_id in version.products:
-                tokens = Decimal(api.tokens_in + api.tokens_out)
-                lines.append(rate_product(version, decimals, api.product_id, tokens))
-            if plan is None and not lines:
-                raise LookupError("an API request needs a plan (API tier) or a priced product_id")
-            return lines
-        if isinstance(usage, StorageQuote):
-            held = usage.data
-            return [rate_storage(version, decimals, held.storage_kind, held.gb, held.duration_seconds)]
-        # ComputeQuote: a finished session, by user type (the plan) and resource tier (seed 002).
-        if plan is None:
-            raise LookupError("a compute session needs a plan (the user type)")
-        if usage.data.duration_seconds is None:
-            raise LookupError("a compute session needs data.duration_seconds")
-        return [rate_compute(version, decimals, plan, usage.resource_tier, usage.data.duration_seconds)]
+                before = after
+            return amount
+
+
+def segment_price(meter: str, pricing: bytes, used: int) -> Decimal:
+    if meter == "api_overage":
+        return overage(_tier(pricing), used)
+    return price(_product(pricing).pricing, Decimal(used))
+
+
+@lru_cache(maxsize=1024)  # a period's few segments are re-priced at each of its windows
+def _tier(pricing: bytes) -> ApiTier:
+    return ApiTier.model_validate_json(pricing)
+
+
+@lru_cache(maxsize=1024)
+def _product(pricing: bytes) -> Product:
+    return Product.model_validate_json(pricing)
+
+
+class FeeLine(msgspec.Struct, array_like=True, gc=False):
+    tier: str
+    charged: int = 0
+    revision: int = -1
+
+
+class PeriodFees(msgspec.Struct, array_like=True, gc=False):
+    """An account's API tier fees in one period: how far its API usage reached (``horizon``,
+    epoch seconds: the end of its latest API window), and each tier's fee charged so far."""
+
+    horizon: int = 0
+    lines: list[FeeLine] = msgspec.field(default_factory=list)
+
+    def line(self, tier: str) -> FeeLine:
+        found = next((line for line in self.lines if line.tier == tier), None)
+        if found is None:
+            found = FeeLine(tier)
+            self.lines.append(found)
+        return found

@@ -1,82 +1,85 @@
-"""Meter, second part: tumbling windows on event time, rated when they close (pure core).
+"""Meter, second part: tumbling windows on event time, rated when they close.
 
-An accepted event adds its usage to the window ``[start, start + size)`` of its event time, per
-(account, meter, dimensions). The partition's watermark is the latest event time it has seen (or,
-after ``idle`` seconds without input, the wall clock the shell passes in, so the last windows of a
-quiet stream close too). A window closes when the watermark passes its end plus the grace period;
-it is then rated and its charges leave in the same Kafka transaction as the state change.
+An accepted event adds its usage to the window of its event time, per (account, meter,
+dimensions), priced by the plan and price-book version in force at that time; a window never spans
+a change of either (its start is then the moment of the change). The partition's watermark is the
+latest event time it has seen (or, after ``idle`` seconds without input, the wall clock the shell
+passes in, so the last windows of a quiet stream close too). A window closes when the watermark
+passes its tumbling end plus the grace period; it is then rated and its charges leave in the same
+Kafka transaction as the state change.
 
 An event whose window already closed, but within the correction horizon of the watermark, is an
 adjustment: the poll's late events of one window are rated together as the window's next revision
 (a new charge id, never an edit). An event older than the horizon is ``too_late``.
 
-How a charge is computed, so that totals never depend on how events fell into windows, polls or
-revisions (the property the exactly-once test checks against an oracle, to the base unit):
-- linear meters (``gpu``, ``storage:<kind>``) keep the window's exact amount; revision r charges
-  ``to_base_units(exact total after r) - charged before r``;
-- period meters (``api_overage``, ``product:<id>``) keep the quantity used in the billing period
-  (a UTC month): a window charges ``to_base_units(price(used after)) - to_base_units(price(used
-  before))``, so included quotas, tiers and rounding apply to the period once, whatever the windows;
-- ``api_fee``: the tier's fee, once per account and period, when its first usage is rated.
-Both sums telescope: over a window's revisions, or a period's windows, the charges add up to the
-rounded exact total.
-
 Two halves, one per side of a window's life:
-- adding usage, once per event, is compiled: ``tally_native.WindowCore`` (native/src/window.rs)
-  meters each event (``gpu`` per (model, provider), ``storage:<kind>``, ``api_overage`` per tier,
-  ``product:<id>``, ``compute:<tier>`` once both ends of a session are seen) and sums its
-  quantity and exact amount into the window's ``Tally`` in the same decimal arithmetic as
-  ``agents.rating`` (the GPU rate operation for operation: tests/unit/test_window.py holds the
-  two to the same digits);
-- closing and rating, once per charge row, is here (``Windows.close``).
+- adding usage, once per event, is compiled: ``tally_native.WindowCore`` (native/src/window.rs,
+  usage.rs, sessions.rs) prices each event exactly by the plan and version at its time and sums it
+  into its window; GPU sessions' rounding and compute sessions are metered there too;
+- closing and rating, once per charge row, is here (``Windows.close``), by ``agents.rating``'s
+  rule: per billing period, the charges add up to the period's exact amount rounded once.
 
 State, all of it written once per commit as (key, value) changes in the meter's changelog record
-(deleted keys have an empty value), and read back through ``read`` (the partition store):
-open windows (in memory while open), closed windows (revision and totals, for adjustments),
-period usage, fees charged, compute sessions half seen, and the watermark.
+(deleted keys have an empty value), and read back through ``read`` (the partition store): open
+windows (in memory while open), closed windows (revision and totals, for adjustments), GPU and
+compute sessions, period states (``LINEAR``, ``SEGMENTS``), API fees per period, the watermark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from calendar import monthrange
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
+from fractions import Fraction
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, NamedTuple, TypeVar
+from uuid import UUID
 
 import msgspec
 from tally_native import WindowCore
 
-from agents.rating import HOURS_PER_MONTH, SECONDS_PER_HOUR, price, split_platform_fee, to_base_units
+from agents.plans import NativeBooks, Plans
+from agents.rating import (
+    FeeLine,
+    LinearPeriod,
+    PeriodFees,
+    Segment,
+    SegmentedPeriod,
+    base_units,
+    divisor,
+    is_period_meter,
+)
 from schemas.charges import Charge, charge_id_of, dims_text
 from schemas.events import UsageEvent, encoder
-from schemas.pricebook import PriceBook, PriceBookVersion
+from schemas.pricebook import PriceBook
+from schemas.rejections import Reason, Rejection, Stage
+from sinks.statestore import Store
 
-if TYPE_CHECKING:
-    from tally_native import BookData
+log = logging.getLogger(__name__)
 
 # State keys. Identity marks (dedupe) share the store: their keys are ``source\x00id`` with a
 # non-empty source, so they never start with NUL; these all do.
 OPEN = b"\x00o"
 CLOSED = b"\x00c"
-PERIOD = b"\x00p"
+LINEAR = b"\x00l"
+SEGMENTS = b"\x00m"
+FEES = b"\x00f"
 SESSION = b"\x00s"
+GPU_SESSION = b"\x00g"
 WATERMARK = b"\x00watermark"
 
 Dims = tuple[tuple[str, str], ...]
 WindowKey = tuple[str, str, Dims, int]  # account, meter, dimensions, window start (epoch seconds)
-PERIOD_METERS = ("api_overage", "product:")
 UNIT_PRICE_PLACES = Decimal("1e-12")
-# Price-book versions looked up per (book, window start): a day of 60 s windows is 1,440 entries.
-VERSION_CACHE_SIZE = 10_000
-SECONDS_PER_MONTH = SECONDS_PER_HOUR * HOURS_PER_MONTH
 _ZERO = Decimal(0)
-_ONE = Decimal(1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _codec = msgspec.msgpack.Encoder()
 _key_decoder = msgspec.msgpack.Decoder(tuple[str, str, list[tuple[str, str]], int])
+S = TypeVar("S", LinearPeriod, SegmentedPeriod, PeriodFees)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,64 +87,85 @@ class WindowConfig:
     size: int = 60  # seconds
     grace: int = 300
     horizon: int = 35 * 86_400
-
-
-@dataclass(frozen=True, slots=True)
-class AccountPlan:
-    """How an account is rated: its price book, its API tier (seed 004) and the user type its
-    compute sessions are priced by (seed 002)."""
-
-    book: PriceBook
-    api_tier: str | None = None
-    compute_user_type: str | None = None  # seed 002's user type; None: sessions are not charged
-
-
-class Plans(Protocol):
-    """Where the meter finds each account's plan (``pipeline.plans.PlanDirectory``)."""
-
-    def plan_of(self, account: str) -> AccountPlan: ...
-
-    def refresh(self, force: bool = False) -> None: ...
+    idle_timeout: int = 300  # a GPU session without a heartbeat for this long has ended
 
 
 class UnpricedError(LookupError):
-    """The account's price book cannot rate this event."""
+    """The account's plan cannot rate this event."""
 
 
 class TooLateError(LookupError):
     """The event is older than the correction horizon."""
 
 
-class Tally(msgspec.Struct, array_like=True, gc=False):
-    """A window's usage so far (or a closed window's totals): quantity, exact amount, unit,
-    price-book version, provider; for a closed window also its last revision and what it charged."""
+class SessionConflictError(LookupError):
+    """A compute session already has a different start (or end)."""
 
-    quantity: Decimal | int  # int for counted meters (requests, tokens): an int sum is ~10x cheaper
+
+_REFUSALS: dict[str, type[LookupError]] = {
+    "too_late": TooLateError,
+    "unpriced": UnpricedError,
+    "session_conflict": SessionConflictError,
+}
+
+
+class Tally(msgspec.Struct, array_like=True, gc=False):
+    """A window's usage (native/src/state.rs writes it): quantity, exact amount (the part over 1,
+    plus ``fractions``: (denominator, numerator) of GPU rates with a VRAM share), unit, the
+    price-book version and book, when its plan-and-version segment began, GPU provider and platform
+    fee percent; for a closed window (``CLOSED``) also its last revision and what it charged."""
+
+    quantity: Decimal | int  # int for counted meters (requests, tokens, seconds)
     amount: Decimal
     unit: str
     version: str
     provider: str | None = None
     revision: int = -1
     charged: int = 0
+    book: str | None = None
+    since: int = 0
+    fee_percent: Decimal | None = None
+    fractions: list[tuple[Decimal, Decimal]] = msgspec.field(default_factory=list)
+
+    def exact(self) -> Fraction:
+        return Fraction(self.amount) + sum(
+            (Fraction(numerator) / Fraction(denominator) for denominator, numerator in self.fractions),
+            Fraction(0),
+        )
 
 
-class PeriodUsage(msgspec.Struct, array_like=True, gc=False):
-    used: Decimal = _ZERO
-    charged: int = 0
+class GpuSession(msgspec.Struct, array_like=True, gc=False):
+    """A GPU rental session as native/src/sessions.rs keeps it (for tools and tests)."""
+
+    seconds: int
+    last_us: int
+    last_identity: bytes
+    last_interval: int
+    gpu_count: int
+    numerator: str
+    denominator: str
+    window: tuple[int, str, str, str, str, int, str | None]
+    granularity: int
+    minimum: int
+    ended: bool
+    rounding: tuple[int, int, str, str, tuple[int, str, str, str, str, int, str | None]] | None
+    reserved: None = None
 
 
 class SessionSide(msgspec.Struct, array_like=True, gc=False):
-    """A compute session one of whose ends has been seen (epoch seconds); written by the native
-    core (native/src/window.rs), in this struct's encoding."""
+    """A compute session's ends as seen (epoch seconds), as native/src/sessions.rs writes them."""
 
     started_at: int | None = None
     resource_tier: str | None = None
     ended_at: int | None = None
     duration: int | None = None
+    charged: bool = False
 
 
 _tally_decoder = msgspec.msgpack.Decoder(Tally)
-_period_decoder = msgspec.msgpack.Decoder(PeriodUsage)
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
+    kind: msgspec.msgpack.Decoder(kind) for kind in (LinearPeriod, SegmentedPeriod, PeriodFees)
+}
 
 
 def state_key(prefix: bytes, key: WindowKey) -> bytes:
@@ -158,16 +182,37 @@ def _dt(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
-def period_of(epoch: int) -> int:
-    """The billing period (a UTC calendar month) holding ``epoch``, as its start."""
+def period_of(epoch: int) -> tuple[int, int]:
+    """The billing period (a UTC calendar month) holding ``epoch``: (start, end) in epoch seconds."""
     moment = _dt(epoch)
-    return int(datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp())
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    days = monthrange(moment.year, moment.month)[1]
+    return int(start.timestamp()), int(start.timestamp()) + days * 86_400
+
+
+class Stored(NamedTuple):
+    """What a partition store holds of the windows: its ``OPEN`` and ``GPU_SESSION`` entries as
+    stored, and the watermark (``load``)."""
+
+    open_windows: list[tuple[bytes, bytes]]
+    gpu_sessions: list[tuple[bytes, bytes]]
+    watermark: int
+
+    @classmethod
+    def load(cls, store: Store) -> Stored:
+        raw = store.get(WATERMARK)
+        return cls(list(store.items(OPEN)), list(store.items(GPU_SESSION)), int(raw) if raw else 0)
+
+    @classmethod
+    def nothing(cls) -> Stored:
+        return cls([], [], 0)
 
 
 @dataclass(slots=True)
 class WindowResult:
     charges: list[Charge] = field(default_factory=list)
     changes: dict[bytes, bytes] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)  # windows that could not be priced
     closed: int = 0
     adjustments: int = 0
 
@@ -176,28 +221,23 @@ class Windows:
     """The windows of one input partition: the native core adds usage, ``close`` rates."""
 
     def __init__(
-        self,
-        config: WindowConfig,
-        plan_of: Callable[[str], AccountPlan],
-        read: Callable[[bytes], bytes | None],
-        open_windows: Iterable[tuple[bytes, bytes]],
-        watermark: int,
+        self, config: WindowConfig, plans: Plans, read: Callable[[bytes], bytes | None], stored: Stored
     ) -> None:
-        """``open_windows``: the store's ``OPEN`` entries as stored (``load_windows``)."""
         self.config = config
-        self.plan_of = plan_of
+        self.plans = plans
         self.read = read
+        self.native = NativeBooks()
         self.core = WindowCore(
-            config.size,
-            config.grace,
-            config.horizon,
-            plan_of,
-            read,
-            native_book,
-            list(open_windows),
-            watermark,
+            size=config.size,
+            grace=config.grace,
+            horizon=config.horizon,
+            idle_timeout=config.idle_timeout,
+            plan_of=lambda account: self.native.plans(plans.history_of(account)),
+            read=read,
+            open_windows=stored.open_windows,
+            gpu_sessions=stored.gpu_sessions,
+            watermark=stored.watermark,
         )
-        self._versions: dict[tuple[str, int], PriceBookVersion] = {}
 
     @property
     def watermark(self) -> int:
@@ -209,119 +249,217 @@ class Windows:
         return {decode_key(k): _tally_decoder.decode(v) for k, v in self.core.open_windows()}
 
     def add(self, event: UsageEvent) -> None:
-        """Add one accepted event's usage; raises ``TooLateError`` or ``UnpricedError`` (then
-        nothing of the event is added). The meter adds events inside the native core without
+        """Add one accepted event's usage; raises ``TooLateError``, ``UnpricedError`` or
+        ``SessionConflictError`` (then nothing of the event is added). The meter adds events inside the native core without
         this call (``tally_native.MeterCore``); this is the same core's entry for a decoded event."""
         refusal = self.core.add(encoder.encode(event))
         if refusal is not None:
             reason, detail = refusal
-            raise (TooLateError if reason == "too_late" else UnpricedError)(detail)
-
-    def _version(self, book: PriceBook, start: int) -> PriceBookVersion:
-        version = self._versions.get((book.name, start))
-        if version is None:
-            if len(self._versions) >= VERSION_CACHE_SIZE:  # a long-running meter sees ever new windows
-                self._versions.clear()
-            version = self._versions[(book.name, start)] = book.version_at(_dt(start))
-        return version
-
-    # Closing --------------------------------------------------------------------------------
+            raise _REFUSALS[reason](detail)
 
     def close(self, rated_at: datetime, wall_clock: int | None = None) -> WindowResult:
         """Rate every window the watermark closed (``wall_clock``, when given, advances it: the
         partition was idle) and every adjustment; return the charges and the state changes."""
         result = WindowResult()
-        closing, late = self.core.close(wall_clock)
-        periods: dict[bytes, PeriodUsage] = {}
-        for raw_key, raw_tally in closing:
-            self._rate(decode_key(raw_key), _tally_decoder.decode(raw_tally), rated_at, result, periods)
+        closing = _Closing(self, result, rated_at)
+        due, late = self.core.close(wall_clock)
+        for raw_key, raw_tally in due:
+            closing.rate(decode_key(raw_key), _tally_decoder.decode(raw_tally))
             result.changes[raw_key] = b""  # the window leaves the open set
         for raw_key, raw_tally in late:
-            self._rate(decode_key(raw_key), _tally_decoder.decode(raw_tally), rated_at, result, periods)
+            closing.rate(decode_key(raw_key), _tally_decoder.decode(raw_tally))
             result.adjustments += 1
-        result.closed = len(closing)
+        closing.fees()
+        result.closed = len(due)
         result.changes.update(self.core.changes())  # open windows that changed, sessions, watermark
-        for raw, usage in periods.items():
-            result.changes[raw] = _codec.encode(usage)
+        closing.write()
         return result
 
-    def _rate(
-        self,
-        key: WindowKey,
-        tally: Tally,
-        rated_at: datetime,
-        result: WindowResult,
-        periods: dict[bytes, PeriodUsage],
-    ) -> None:
+    def book(self, name: str | None) -> PriceBook | None:
+        return None if name is None else self.plans.book(name)
+
+
+class _Closing:
+    """One close: the period states it reads and changes (written once, at the end)."""
+
+    def __init__(self, windows: Windows, result: WindowResult, rated_at: datetime) -> None:
+        self.windows = windows
+        self.result = result
+        self.rated_at = rated_at
+        self.states: dict[bytes, LinearPeriod | SegmentedPeriod | PeriodFees] = {}
+        self.fee_periods: dict[tuple[str, int], int] = {}  # (account, period start) -> horizon
+
+    def _state(self, key: bytes, kind: type[S]) -> S:
+        found = self.states.get(key)
+        if found is None:
+            raw = _get(self.result.changes, key, self.windows.read)
+            found = self.states[key] = _decoders[kind].decode(raw) if raw else kind()
+        assert isinstance(found, kind)
+        return found
+
+    def write(self) -> None:
+        for key, state in self.states.items():
+            self.result.changes[key] = _codec.encode(state)
+
+    def rate(self, key: WindowKey, tally: Tally) -> None:
         account, meter, dims, start = key
         closed_key = state_key(CLOSED, key)
-        previous = _get(result.changes, closed_key, self.read)
+        previous = _get(self.result.changes, closed_key, self.windows.read)
         before = _tally_decoder.decode(previous) if previous else None
         revision = before.revision + 1 if before else 0
-        total_amount = tally.amount + (before.amount if before else _ZERO)
-        charged_before = before.charged if before else 0
-        plan = self.plan_of(account)
-        version = self._version(plan.book, start)
-        decimals = plan.book.token.decimals
-        if meter.startswith(PERIOD_METERS):
-            period_key = state_key(PERIOD, (account, meter, dims, period_of(start)))
-            usage = periods.get(period_key) or _period(result.changes, period_key, self.read)
-            used_after = usage.used + tally.quantity
-            total = to_base_units(period_price(meter, plan, version, used_after), decimals)
-            # Never negative: a volume-tiered price can fall as usage grows; a period never
-            # refunds what it charged (docs/PRICING.md).
-            amount = max(0, total - usage.charged)
-            periods[period_key] = PeriodUsage(used_after, usage.charged + amount)
-            if meter == "api_overage":
-                self._fee(account, dims, start, plan, version, rated_at, result, periods)
-            # The period's price per unit is what this window's units were charged.
-            exact = Decimal(amount) / Decimal(10) ** decimals
+        book = self.windows.book(tally.book) or self.windows.plans.default_book
+        decimals = book.token.decimals
+        period = period_of(start)
+        if is_period_meter(meter):
+            line = self._period_line(key, tally, revision, period, decimals)
+            if line is None:
+                return  # dead-lettered: not part of the window's totals
+            fee = 0
         else:
-            amount = to_base_units(total_amount / divisor(meter), decimals) - charged_before
-            exact = tally.amount  # per second for time meters: the divisor cancels out below
-        unit_price = (exact / tally.quantity if tally.quantity else _ZERO).quantize(UNIT_PRICE_PLACES)
-        fee = 0
-        if tally.provider is not None and version.gpu is not None:
-            fee, _ = split_platform_fee(amount, version.gpu)
-        quantity = tally.quantity / divisor(meter)
-        result.charges.append(
-            _charge(key, revision, tally, quantity, unit_price, amount, version.label, fee, rated_at)
+            state = self._state(state_key(LINEAR, (account, meter, dims, period[0])), LinearPeriod)
+            line, fee = state.charge(tally.exact() / divisor(meter), decimals, tally.fee_percent)
+        quantity = (
+            Decimal(tally.quantity) / divisor(meter) if divisor(meter) != 1 else Decimal(tally.quantity)
+        )
+        money = Decimal(line).scaleb(-decimals)
+        unit_price = (money / quantity).quantize(UNIT_PRICE_PLACES) if quantity else _ZERO
+        if not is_period_meter(meter) and tally.quantity:
+            # A time meter's window has its own exact price: its amount over its quantity.
+            exact = tally.exact() / Fraction(tally.quantity)
+            unit_price = (Decimal(exact.numerator) / Decimal(exact.denominator)).quantize(UNIT_PRICE_PLACES)
+        self.result.charges.append(
+            _charge(key, revision, tally.unit, quantity, unit_price, line, tally, fee, self.rated_at)
         )
         closed = Tally(
-            tally.quantity + (before.quantity if before else _ZERO),
-            total_amount,
+            tally.quantity + (before.quantity if before else 0),
+            tally.amount + (before.amount if before else _ZERO),
             tally.unit,
             tally.version,
             tally.provider,
             revision,
-            charged_before + amount,
+            (before.charged if before else 0) + line,
+            tally.book,
+            tally.since,
+            tally.fee_percent,
+            [*(before.fractions if before else []), *tally.fractions],
         )
-        result.changes[closed_key] = _codec.encode(closed)
+        self.result.changes[closed_key] = _codec.encode(closed)
 
-    def _fee(  # noqa: PLR0917  # the rating context of the window being closed
-        self,
-        account: str,
-        dims: Dims,
-        start: int,
-        plan: AccountPlan,
-        version: PriceBookVersion,
-        rated_at: datetime,
-        result: WindowResult,
-        periods: dict[bytes, PeriodUsage],
+    def _period_line(
+        self, key: WindowKey, tally: Tally, revision: int, period: tuple[int, int], decimals: int
+    ) -> int | None:
+        """A period meter's window: its units join their segment; the charge is the period's
+        rounded exact amount minus what it charged before. None when the window's prices cannot
+        be found any more (its usage is dead-lettered, replayable)."""
+        account, meter, dims, start = key
+        scope = "api_overage" if meter == "api_overage" else meter  # requests count across tiers
+        state = self._state(state_key(SEGMENTS, (account, scope, (), period[0])), SegmentedPeriod)
+        if not any(s.since == tally.since for s in state.segments):
+            pricing = self._pricing(meter, dims, tally)
+            if isinstance(pricing, str):
+                self._unpriced(key, tally, revision, pricing)
+                return None
+            state.segments.append(Segment(tally.since, 0, pricing, tally.version))
+        assert isinstance(tally.quantity, int)  # requests and tokens are counted
+        line = state.charge(meter, tally.since, tally.quantity, decimals)
+        if meter == "api_overage":
+            end = start - start % self.windows.config.size + self.windows.config.size
+            self.fee_periods[(account, period[0])] = max(end, self.fee_periods.get((account, period[0]), 0))
+        return line
+
+    def _pricing(self, meter: str, dims: Dims, tally: Tally) -> bytes | str:
+        """The prices of a window's segment as JSON, or why they cannot be found."""
+        book = self.windows.book(tally.book)
+        if book is None:
+            return f"price book {tally.book!r} cannot be loaded"
+        version = book.version_labelled(tally.version)
+        if version is None:
+            return f"price book {book.name!r} has no version from {tally.version} any more"
+        if meter == "api_overage":
+            tier = dict(dims).get("tier", "")
+            found = version.api_tiers.get(tier)
+            if found is None:
+                return f"no API tier {tier!r} in price book {book.name!r} version {tally.version}"
+            return found.model_dump_json().encode()
+        product = version.products.get(meter.removeprefix("product:"))
+        if product is None:
+            return f"no price for {meter} in price book {book.name!r} version {tally.version}"
+        return product.model_dump_json().encode()
+
+    def _unpriced(self, key: WindowKey, tally: Tally, revision: int, why: str) -> None:
+        """Dead-letter a window's usage as one API request event of its account and start, which
+        the meter accepts again once replayed (a new identity: the window's next charge id)."""
+        account, meter, _, start = key
+        identity = _charge_id(key, revision)
+        assert isinstance(tally.quantity, int)
+        data: dict[str, Any] = {"endpoint": "*", "request_count": 0, "status": 200}
+        if meter == "api_overage":
+            data["request_count"] = tally.quantity
+        else:
+            data |= {"product_id": meter.removeprefix("product:"), "tokens_in": tally.quantity}
+        event = {
+            "specversion": "1.0",
+            "id": str(identity),
+            "source": "tally/meter/unpriced",
+            "type": "api.request.v1",
+            "time": _start_text(start),
+            "subject": account,
+            "data": data,
+        }
+        self.result.rejected.append(
+            Rejection(
+                reason=Reason.UNPRICED,
+                detail=f"{meter} window from {_start_text(start)}: {why}",
+                original=msgspec.json.encode(event),
+                origin=f"window/{account}/{meter}/{start}",
+                stage=Stage.METER,
+            )
+        )
+
+    def fees(self) -> None:
+        """Each API tier in force in a period, up to its latest API window's end, owes its fee
+        (whole, or prorated by its time in force); a fee line charges what is owed minus what
+        was charged before (a plan history corrected later credits the difference)."""
+        plans = self.windows.plans
+        for (account, start), horizon in self.fee_periods.items():
+            state = self._state(state_key(FEES, (account, "api_fee", (), start)), PeriodFees)
+            state.horizon = max(state.horizon, horizon)
+            end = period_of(start)[1]
+            owed: dict[str, tuple[Fraction, Decimal, str, int]] = {}
+            for lo, hi, plan in plans.history_of(account).spans(start, end):
+                if lo >= state.horizon or plan.api_tier is None or plan.book is None:
+                    continue
+                try:
+                    version = plan.book.version_at(_dt(lo))
+                except LookupError:
+                    log.warning("meter: %s: no price-book version for its %s fee", account, plan.api_tier)
+                    continue
+                tier = version.api_tiers.get(plan.api_tier)
+                if tier is None:
+                    log.warning("meter: %s: API tier %r is not in its price book", account, plan.api_tier)
+                    continue
+                share = Fraction(hi - lo, end - start) if tier.fee_proration == "prorated" else Fraction(1)
+                amount, fee, label, decimals = owed.get(plan.api_tier, (Fraction(0), tier.monthly_fee, "", 0))
+                if tier.fee_proration == "prorated" or not label:
+                    amount += share * Fraction(tier.monthly_fee)
+                owed[plan.api_tier] = (amount, fee, label or version.label, plan.book.token.decimals)
+            for tier_name, (amount, fee, label, decimals) in sorted(owed.items()):
+                self._fee_line(account, start, state.line(tier_name), amount, fee, label, decimals)
+
+    def _fee_line(  # noqa: PLR0917  # one positional per fact of the line
+        self, account: str, start: int, line: FeeLine, owed: Fraction, fee: Decimal, label: str, decimals: int
     ) -> None:
-        """The tier's fee, once per account and billing period (an idempotent charge id)."""
-        period = period_of(start)
-        fee_key = state_key(PERIOD, (account, "api_fee", dims, period))
-        if fee_key in periods or _get(result.changes, fee_key, self.read) is not None:
+        amount = base_units(owed, decimals) - line.charged
+        if amount == 0:
             return
-        assert plan.api_tier is not None  # api_overage exists only for accounts with a tier
-        tier = version.api_tiers[plan.api_tier]
-        amount = to_base_units(tier.monthly_fee, plan.book.token.decimals)
-        periods[fee_key] = PeriodUsage(Decimal(1), amount)
-        tally = Tally(Decimal(1), tier.monthly_fee, "period", version.label)
-        key = (account, "api_fee", dims, period)
-        result.charges.append(
-            _charge(key, 0, tally, Decimal(1), tier.monthly_fee, amount, version.label, 0, rated_at)
+        line.revision += 1
+        line.charged += amount
+        key = (account, "api_fee", (("tier", line.tier),), start)
+        share = owed / Fraction(fee) if fee else Fraction(1)
+        tally = Tally(Decimal(1), fee, "period", label)
+        quantity = (Decimal(share.numerator) / Decimal(share.denominator)).quantize(UNIT_PRICE_PLACES)
+        self.result.charges.append(
+            _charge(key, line.revision, "period", quantity.normalize(), fee, amount, tally, 0, self.rated_at)
         )
 
 
@@ -330,57 +468,39 @@ def _get(changes: dict[bytes, bytes], key: bytes, read: Callable[[bytes], bytes 
     return (value or None) if value is not None else read(key)
 
 
-def _period(changes: dict[bytes, bytes], key: bytes, read: Callable[[bytes], bytes | None]) -> PeriodUsage:
-    raw = _get(changes, key, read)
-    return _period_decoder.decode(raw) if raw else PeriodUsage()
+def _charge_id(key: WindowKey, revision: int) -> UUID:
+    account, meter, dims, start = key
+    return charge_id_of(account, meter, _dims_text(dims), _start_text(start), revision)
 
 
 def _charge(  # noqa: PLR0917  # one positional per column
     key: WindowKey,
     revision: int,
-    tally: Tally,
+    unit: str,
     quantity: Decimal,
     unit_price: Decimal,
     amount: int,
-    version: str,
+    tally: Tally,
     fee: int,
     rated_at: datetime,
 ) -> Charge:
     account, meter, dims, start = key
-    dimensions = dict(dims)
-    window_start = _dt(start)
     return Charge(
-        charge_id=charge_id_of(account, meter, _dims_text(dims), _start_text(start), revision),
+        charge_id=_charge_id(key, revision),
         account=account,
         meter=meter,
-        dimensions=dimensions,
-        window_start=window_start,
+        dimensions=dict(dims),
+        window_start=_dt(start),
         revision=revision,
         quantity=str(quantity),
-        unit=tally.unit,
+        unit=unit,
         unit_price=str(unit_price),
         amount_base_units=amount,
-        price_version=version,
+        price_version=tally.version,
         provider_id=tally.provider,
         platform_fee_base_units=fee,
         rated_at=rated_at,
     )
-
-
-# What an event contributes --------------------------------------------------------------------
-
-
-def divisor(meter: str) -> Decimal:
-    """Time-based meters add up seconds (GPU-seconds, GB-seconds) and amounts per second, and
-    divide once, when a charge is made: a per-event ``seconds / 3600`` would round every event
-    at Decimal's 28 digits, this rounds once per charge line."""
-    if meter == "gpu":
-        return SECONDS_PER_HOUR
-    if meter.startswith("storage:"):
-        return SECONDS_PER_MONTH
-    if meter.startswith("compute:"):
-        return SECONDS_PER_HOUR
-    return _ONE
 
 
 @lru_cache(maxsize=4096)  # per (model, provider), tier or product: few, one text per charge row
@@ -391,54 +511,3 @@ def _dims_text(dims: Dims) -> str:
 @lru_cache(maxsize=4096)  # the windows a close rates share a few starts
 def _start_text(start: int) -> str:
     return _dt(start).isoformat()
-
-
-def period_price(meter: str, plan: AccountPlan, version: PriceBookVersion, used: Decimal) -> Decimal:
-    """The exact amount a billing period's usage ``used`` of a period meter costs."""
-    if meter == "api_overage":
-        assert plan.api_tier is not None
-        tier = version.api_tiers[plan.api_tier]
-        return max(_ZERO, used - tier.included_requests) * tier.overage_per_request
-    return price(version.products[meter.removeprefix("product:")].pricing, used)
-
-
-# What the native core reads of a price book ----------------------------------------------------
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(microseconds=1)
-
-
-def native_book(book: PriceBook) -> BookData:
-    """A price book as plain tuples for ``tally_native.WindowCore`` (prices as decimal text): what
-    adding usage needs (rating a closed window reads the book itself)."""
-    versions: list[tuple[Any, ...]] = []
-    for version in book.versions:
-        gpu = None
-        if version.gpu is not None:
-            rates = version.gpu
-            gpu = (
-                [(model, str(rate)) for model, rate in rates.base_rate_per_hour.items()],
-                rates.vram_pricing == "per_gb_hour",
-                None if rates.vram_rate_per_gb_hour is None else str(rates.vram_rate_per_gb_hour),
-                str(rates.power_rate_per_watt_hour),
-                str(rates.demand_multiplier),
-                [(_micros(s.effective_from), str(s.multiplier), s.gpu_models) for s in rates.demand_schedule],
-                [(provider, str(rate)) for provider, rate in rates.provider_minimum_per_hour.items()],
-                rates.billing_granularity_seconds,
-            )
-        versions.append(
-            (
-                _micros(version.effective_from),
-                version.label,
-                gpu,
-                list(version.api_tiers),
-                [(product_id, product.unit) for product_id, product in version.products.items()],
-                [
-                    (user_type, [(tier, str(rate)) for tier, rate in tiers.items()])
-                    for user_type, tiers in version.compute_per_hour.items()
-                ],
-                [(kind, str(rate)) for kind, rate in version.storage_per_gb_month.items()],
-            )
-        )
-    return book.name, versions

@@ -1,7 +1,7 @@
 """Types of the compiled meter hot path (native/src): see native/README.md."""
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 class _Record(Protocol):
     @property
@@ -9,29 +9,84 @@ class _Record(Protocol):
     @property
     def offset(self) -> int: ...
 
-# (name, [(effective_from_us, label, gpu | None, api tiers, [(product, unit)],
-#          [(user_type, [(resource_tier, rate)])], [(storage_kind, rate per GB-month)])])
-BookData = tuple[str, list[tuple[Any, ...]]]
 Entries = list[tuple[bytes, bytes]]
+
+class DemandStepSpec:
+    def __init__(self, *, effective_from: int, multiplier: str, gpu_models: list[str] | None) -> None: ...
+
+class GpuRatesSpec:
+    def __init__(
+        self,
+        *,
+        base_rate_per_hour: dict[str, str],
+        per_gb_hour: bool,
+        vram_rate_per_gb_hour: str | None,
+        power_rate_per_watt_hour: str,
+        demand_multiplier: str,
+        demand_schedule: list[DemandStepSpec],
+        provider_minimum_per_hour: dict[str, str],
+        billing_granularity_seconds: int,
+        minimum_session_seconds: int,
+        platform_fee_percent: str,
+    ) -> None: ...
+
+class TierSpec:
+    def __init__(self, *, charge_failed: bool) -> None: ...
+
+class ProductSpec:
+    def __init__(self, *, unit: str, charge_failed: bool) -> None: ...
+
+class VersionSpec:
+    def __init__(
+        self,
+        *,
+        effective_from: int,
+        label: str,
+        gpu: GpuRatesSpec | None,
+        api_tiers: dict[str, TierSpec],
+        products: dict[str, ProductSpec],
+        compute_per_hour: dict[str, dict[str, str]],
+        storage_per_gb_month: dict[str, str],
+    ) -> None: ...
+
+class BookSpec:
+    def __init__(self, *, name: str, versions: list[VersionSpec]) -> None: ...
+    @property
+    def name(self) -> str: ...
+
+class PlanSpec:
+    def __init__(
+        self,
+        *,
+        effective_from: int,
+        book: BookSpec | None,
+        api_tier: str | None,
+        compute_user_type: str | None,
+        unpriced: str | None = None,
+    ) -> None: ...
 
 class WindowCore:
     def __init__(
         self,
+        *,
         size: int,
         grace: int,
         horizon: int,
-        plan_of: Callable[[str], Any],
+        idle_timeout: int,
+        plan_of: Callable[[str], list[PlanSpec]],
         read: Callable[[bytes], bytes | None],
-        book_data: Callable[[Any], BookData],
         open_windows: Sequence[tuple[bytes, bytes]],
+        gpu_sessions: Sequence[tuple[bytes, bytes]],
         watermark: int,
     ) -> None: ...
     @property
     def watermark(self) -> int: ...
     def __len__(self) -> int: ...
     @property
+    def running_sessions(self) -> int: ...
+    @property
     def interned(self) -> int: ...
-    def begin_poll(self) -> None: ...
+    def begin_poll(self, generation: int) -> None: ...
     def add(self, body: bytes) -> tuple[str, str] | None: ...
     def close(self, wall_clock: int | None) -> tuple[Entries, Entries]: ...
     def changes(self) -> Entries: ...
@@ -70,7 +125,7 @@ class MeterCore:
         read: Callable[[bytes], bytes | None],
         read_many: Callable[[list[bytes]], list[bytes | None]],
     ) -> None: ...
-    def begin(self, earliest_us: int, latest_us: int) -> None: ...
+    def begin(self, earliest_us: int, latest_us: int, plans_generation: int) -> None: ...
     def ingest(self, records: Sequence[_Record], start: int) -> int: ...
     def accept(self, partition: int, records: list[tuple[bytes, bytes, bytes]], offset: int) -> None: ...
     def take(self) -> PollOutput: ...

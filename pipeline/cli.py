@@ -206,81 +206,70 @@ DEFAULT_PRICE_BOOK = Path(__file__).resolve().parent.parent / "schemas" / "price
 def quote(
     price_book: Annotated[Path, typer.Option(help="Price book YAML.")] = DEFAULT_PRICE_BOOK,
     plan: Annotated[
-        str | None, typer.Option(help="Plan for lines without one (API tier or user type).")
+        str | None,
+        typer.Option(help="Plan of subjects no line gives one: an API tier and/or compute user type."),
     ] = None,
 ) -> None:
-    """Rate usage read as JSON lines on stdin; print one JSON object per line, then the run's total.
+    """Rate usage events read as JSON lines on stdin, as the meter would; print each charge line
+    as JSON, then the run's total.
 
-    No Kafka, no database. A bad line gets an error object naming the field; the others still run.
+    Each line is a CloudEvent (specversion, id and source may be left out) with an optional
+    "plan": the subject's plan from that event on. The events go through the meter's own steps
+    (ingest's checks, dedupe, windows, sessions, period-exact rating); every window is closed
+    and every GPU session ended at the end. No Kafka, no database. A line ingest or the meter
+    rejects is reported with its reason; the others still run.
     """
-    import msgspec
-
-    from agents.rating import QuoteSession
+    from agents.quote import quote as rate_quote
     from schemas.pricebook import PriceBookError, load_price_book
-    from schemas.quote import quote_decoder
 
     try:
         book = load_price_book(price_book)
     except (OSError, PriceBookError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    session = QuoteSession(book, plan)
+    settings = settings_or_exit()
+    try:
+        result = rate_quote(sys.stdin.buffer, book, settings, plan)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     decimals = book.token.decimals
-    total, rated, errors = 0, 0, 0
-    for number, raw in enumerate(sys.stdin.buffer, start=1):
-        if not raw.strip():
-            continue
-        try:
-            lines = session.rate(quote_decoder.decode(raw))
-        except (msgspec.DecodeError, msgspec.ValidationError, LookupError) as exc:
-            errors += 1
-            typer.echo(json.dumps({"line": number, "error": str(exc)}))
-            continue
-        rated += 1
-        amount = sum(c.amount_base_units for c in lines)
-        total += amount
-        charges = [
-            {
-                "meter": c.meter,
-                "quantity": str(c.quantity),
-                "unit": c.unit,
-                "unit_price": str(c.unit_price),
-                "amount": str(c.amount),
-                "amount_base_units": c.amount_base_units,
-                "price_version": c.price_version,
-            }
-            for c in lines
-        ]
-        typer.echo(
-            json.dumps(
-                {
-                    "line": number,
-                    "charges": charges,
-                    "total": _decimal_text(amount, decimals),
-                    "total_base_units": amount,
-                }
-            )
-        )
-    # Each API billing period the lines touched also pays its tier's fee once (seed 004).
-    period_fees = session.period_fees()
-    total += sum(fee.amount_base_units for *_, fee in period_fees)
-    fees = [
-        {
-            "subject": subject,
-            "plan": tier,
-            "period": month,
-            "fee": str(fee.amount),
-            "fee_base_units": fee.amount_base_units,
+    for error in result.errors:
+        typer.echo(json.dumps({"line": error.line, "error": error.reason, "detail": error.detail}))
+    charges = sorted(result.charges, key=lambda c: (c.account, c.window_start, c.meter, c.revision))
+    for c in charges:
+        line = {
+            "account": c.account,
+            "meter": c.meter,
+            "dimensions": c.dimensions,
+            "window_start": c.window_start.isoformat(),
+            "revision": c.revision,
+            "quantity": c.quantity,
+            "unit": c.unit,
+            "unit_price": c.unit_price,
+            "amount": _decimal_text(c.amount_base_units, decimals),
+            "amount_base_units": c.amount_base_units,
+            "price_version": c.price_version,
         }
-        for subject, tier, month, fee in period_fees
-    ]
+        if c.provider_id is not None:
+            line |= {
+                "provider_id": c.provider_id,
+                "platform_fee_base_units": c.platform_fee_base_units,
+                "provider_earnings_base_units": c.amount_base_units - c.platform_fee_base_units,
+            }
+        typer.echo(json.dumps(line))
+    total = sum(c.amount_base_units for c in charges)
+    by_account: dict[str, int] = {}
+    for c in charges:
+        by_account[c.account] = by_account.get(c.account, 0) + c.amount_base_units
     summary = {
         "total": _decimal_text(total, decimals),
         "total_base_units": total,
         "token": book.token.symbol,
-        "lines": rated,
-        "errors": errors,
-        "period_fees": fees,
+        "events": result.events,
+        "charges": len(charges),
+        "errors": len(result.errors),
+        "accounts": dict(sorted(by_account.items())),
     }
     typer.echo(json.dumps(summary))
 

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     window_size: timedelta = timedelta(seconds=60)
     window_grace: timedelta = timedelta(minutes=5)
     window_idle_close: timedelta = timedelta(seconds=30)
+    # A GPU session without a heartbeat (by event time) for this long has ended, when no
+    # ``session.ended`` said so: its time is then rounded up and its minimum charged (PRICING.md).
+    session_idle_timeout: timedelta = timedelta(minutes=5)
     # Price books: ``<name>.yaml`` files in this directory. An account is rated with its plan's
     # book (Postgres ``plans.price_book``); an account without a plan with ``default_price_book``.
     price_books_dir: Path = REPO_ROOT / "schemas" / "pricebooks"
@@ -207,6 +210,8 @@ class Settings(BaseSettings):
             problems.append("window_size + window_grace must be shorter than dedupe_horizon")
         if self.window_idle_close < timedelta(seconds=1):
             problems.append("window_idle_close must be at least 1 second")
+        if self.session_idle_timeout < timedelta(seconds=1) or self.session_idle_timeout.total_seconds() % 1:
+            problems.append("session_idle_timeout must be a whole number of seconds, at least 1")
         if self.analytics_batch_interval < timedelta(milliseconds=10):
             problems.append("analytics_batch_interval must be at least 10 ms")
         if not timedelta(milliseconds=10) <= self.analytics_retry_min <= self.analytics_retry_max:

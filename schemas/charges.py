@@ -44,15 +44,16 @@ def charge_id_of(account: str, meter: str, dims: str, window_start: str, revisio
 
 
 # What the ledger checks on decoding (a foreign producer could write anything to ``charges``):
-# amounts fit Postgres' bigint and are not negative, decimals are decimal text Postgres' numeric
-# reads (``str(Decimal)``, exponent included), times carry a zone.
-BaseUnits = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-DecimalText = Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$", max_length=100)]
+# amounts fit Postgres' bigint (negative: a credit, docs/PRICING.md), decimals are decimal text
+# Postgres' numeric reads (``str(Decimal)``, exponent included), times carry a zone.
+BaseUnits = Annotated[int, msgspec.Meta(ge=-(2**63 - 1), le=2**63 - 1)]
+DecimalText = Annotated[str, msgspec.Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$", max_length=100)]
 AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
 class Charge(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """One rated charge line of one account's window, in the token's base units."""
+    """One rated charge line of one account's window, in the token's base units (negative: a
+    credit, when a correction lowers its billing period's total)."""
 
     charge_id: uuid.UUID
     account: str

@@ -28,11 +28,27 @@ from pydantic import (
 
 
 def _digits(value: Decimal) -> Decimal:
-    """Money is computed at 28 significant digits (Python's decimal context, and the meter's native
-    core, which reads every price exactly): a price with more is a typo, not a price."""
+    """Money is computed exactly (docs/PRICING.md) from prices of at most 28 significant digits,
+    at most 10^15 and at most 18 decimal places: bounds that keep every product and sum the meter
+    makes within its exact arithmetic. A price beyond them is a typo, not a price."""
+    if not value.is_finite():
+        raise ValueError("a price is a finite decimal")
     if len(value.as_tuple().digits) > 28:
         raise ValueError("a price has at most 28 significant digits")
+    if value > Decimal(10) ** 15 or -value.as_tuple().exponent > 18:  # type: ignore[operator]  # finite: an int exponent
+        raise ValueError("a price is at most 10^15, with at most 18 decimal places")
     return value
+
+
+def _whole_second(moment: datetime) -> datetime:
+    """Versions, demand steps and plan changes take effect on a whole second, so the second an
+    event falls in says which one applies (the meter windows by the second)."""
+    if moment.microsecond:
+        raise ValueError("takes effect on a whole second (no fraction of a second)")
+    return moment
+
+
+EffectiveFrom = Annotated[AwareDatetime, AfterValidator(_whole_second)]
 
 
 NonNegative = Annotated[Decimal, Field(ge=0), AfterValidator(_digits)]
@@ -108,7 +124,7 @@ Pricing = Annotated[Flat | PerUnit | Package | Graduated | Volume, Field(discrim
 class DemandStep(_Model):
     """From ``effective_from`` on, GPU prices are multiplied by ``multiplier`` (market demand)."""
 
-    effective_from: AwareDatetime
+    effective_from: EffectiveFrom
     multiplier: Positive
     gpu_models: list[str] | None = None  # None: every model
 
@@ -155,11 +171,16 @@ class GpuRates(_Model):
 
 
 class ApiTier(_Model):
-    """An API plan tier (seed 004): fee per billing period, included requests, overage."""
+    """An API plan tier: fee per billing period, included requests, overage (docs/PRICING.md)."""
 
     monthly_fee: NonNegative
     included_requests: Annotated[int, Field(ge=0)]
     overage_per_request: NonNegative
+    # whole: a tier in force at any time of a period owes its whole fee; prorated: the share of
+    # the period it was in force.
+    fee_proration: Literal["whole", "prorated"] = "whole"
+    # Requests whose status is not 2xx count against the quota and pay overage only when True.
+    charge_failed: bool = False
 
 
 class Product(_Model):
@@ -167,10 +188,12 @@ class Product(_Model):
 
     unit: str = "unit"
     pricing: Pricing
+    # Tokens of requests whose status is not 2xx are charged only when True.
+    charge_failed: bool = False
 
 
 class PriceBookVersion(_Model):
-    effective_from: AwareDatetime
+    effective_from: EffectiveFrom
     gpu: GpuRates | None = None
     api_tiers: dict[str, ApiTier] = Field(default_factory=dict)
     products: dict[str, Product] = Field(default_factory=dict)
@@ -213,6 +236,10 @@ class PriceBook(_Model):
         if current is None:
             raise LookupError(f"price book {self.name!r} has no version in force at {when.isoformat()}")
         return current
+
+    def version_labelled(self, label: str) -> PriceBookVersion | None:
+        """The version whose label (its effective time) is ``label``, if the book still has it."""
+        return next((v for v in self.versions if v.label == label), None)
 
 
 # Loading, with every problem's path and line ----------------------------------------------------

@@ -37,6 +37,7 @@ class Reason(StrEnum):
     ID_CONFLICT = "id_conflict"  # a (source, id) seen before with a different payload
     UNKNOWN_ACCOUNT = "unknown_account"  # subject is not a known account
     UNPRICED = "unpriced"  # the account's price book has no price for it (e.g. a GPU model)
+    SESSION_CONFLICT = "session_conflict"  # a session's second start (or end) differs from its first
 
 
 class Stage(StrEnum):

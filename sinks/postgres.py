@@ -6,8 +6,9 @@
 2. insert them into ``charges`` with ``ON CONFLICT (charge_id) DO NOTHING RETURNING``: the rows
    that come back are the charges this call is the first to store;
 3. in the same statement, insert the double-entry ledger entries of those charges only
-   (customer debit = provider credit + platform credit, so debits equal credits per charge) and
-   add each ledger account's net change to its balance;
+   (customer debit = provider credit + platform credit, so debits equal credits per charge; a
+   credit, a negative charge correcting its period's total, swaps every side) and add each ledger
+   account's net change to its balance;
 4. commit. A replayed batch finds every charge id present at step 1 and changes nothing, so the
    writer is idempotent on charge_id, whatever crashed and retried.
 """
@@ -15,9 +16,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -27,6 +28,7 @@ from alembic.config import Config
 from sqlalchemy import (
     BigInteger,
     Column,
+    DateTime,
     Engine,
     MetaData,
     Table,
@@ -58,6 +60,14 @@ accounts_table = Table(
     Column("account_id", Text, primary_key=True),
     Column("plan", Text),
     Column("low_balance_threshold", BigInteger),
+)
+plan_changes_table = Table(
+    "plan_changes",
+    metadata,
+    Column("account_id", Text, primary_key=True),
+    Column("plan", Text),
+    Column("effective_from", DateTime(timezone=True), primary_key=True),
+    Column("actor", Text),
 )
 PLATFORM = "platform"
 
@@ -101,8 +111,8 @@ _json = msgspec.json.Encoder()
 _INCOMING = text("CREATE TEMP TABLE incoming (LIKE charges INCLUDING DEFAULTS) ON COMMIT DROP")
 # Steps 2-4 of the module docstring as one set-based statement over the COPYed batch: every row of
 # ``new`` is a charge this call stored first; its entries are the customer's debit and the credits
-# that balance it (provider earnings and platform fee for a provider's charge, else the platform);
-# zero amounts make no entry. Balances are upserted in ledger-account order, so two writers lock
+# that balance it (provider earnings and platform fee for a provider's charge, else the platform),
+# each side reversed for a negative amount; zero amounts make no entry. Balances are upserted in ledger-account order, so two writers lock
 # rows in the same order and cannot deadlock.
 _STORE = text(f"""
 WITH new AS (
@@ -112,19 +122,19 @@ WITH new AS (
     RETURNING charge_id, account_id, amount_base_units, provider_id, platform_fee_base_units
 ), entries AS (
     INSERT INTO ledger_entries (charge_id, ledger_account, side, amount_base_units)
-    SELECT charge_id, ledger_account, side, amount FROM (
-        SELECT charge_id, 'customer:' || account_id AS ledger_account, 'debit' AS side,
-               amount_base_units AS amount
+    SELECT charge_id, ledger_account, CASE WHEN credit > 0 THEN 'credit' ELSE 'debit' END, abs(credit)
+    FROM (
+        SELECT charge_id, 'customer:' || account_id AS ledger_account, -amount_base_units AS credit
         FROM new
         UNION ALL
-        SELECT charge_id, 'provider:' || provider_id, 'credit', amount_base_units - platform_fee_base_units
+        SELECT charge_id, 'provider:' || provider_id, amount_base_units - platform_fee_base_units
         FROM new WHERE provider_id IS NOT NULL
         UNION ALL
-        SELECT charge_id, :platform, 'credit',
+        SELECT charge_id, :platform,
                CASE WHEN provider_id IS NULL THEN amount_base_units ELSE platform_fee_base_units END
         FROM new
     ) AS lines
-    WHERE amount > 0
+    WHERE credit <> 0
     RETURNING ledger_account, side, amount_base_units
 ), moved AS (
     INSERT INTO balances (ledger_account, balance_base_units)
@@ -189,17 +199,62 @@ class LedgerWriter:
 # Plans and accounts -------------------------------------------------------------------------------
 
 
-def account_plans(engine: Engine) -> dict[str, tuple[str, str | None, str | None]]:
-    """account id -> (price book name, API tier, compute user type) for every account with a plan."""
-    plans = plans_table.c
-    statement = select(
-        accounts_table.c.account_id, plans.price_book, plans.api_tier, plans.compute_user_type
-    ).join(plans_table, plans.name == accounts_table.c.plan)
+class PlanRow(NamedTuple):
+    """One entry of an account's plan history: from when (None: since ever), and the plan (its
+    name None: no plan)."""
+
+    effective_from: datetime | None
+    plan: str | None
+    price_book: str | None
+    api_tier: str | None
+    compute_user_type: str | None
+
+
+def plan_histories(engine: Engine) -> dict[str, list[PlanRow]]:
+    """account id -> its plan history in time order, for every account with a plan or a change."""
+    statement = text("""
+        SELECT a.account_id, NULL::timestamptz AS effective_from, a.plan, p.price_book, p.api_tier,
+               p.compute_user_type
+        FROM accounts a LEFT JOIN plans p ON p.name = a.plan
+        UNION ALL
+        SELECT c.account_id, c.effective_from, c.plan, p.price_book, p.api_tier, p.compute_user_type
+        FROM plan_changes c LEFT JOIN plans p ON p.name = c.plan
+        ORDER BY 1, 2 NULLS FIRST
+    """)
+    histories: dict[str, list[PlanRow]] = {}
     with engine.connect() as connection:
-        return {
-            row.account_id: (row.price_book, row.api_tier, row.compute_user_type)
-            for row in connection.execute(statement)
-        }
+        for account, *row in connection.execute(statement):
+            histories.setdefault(account, []).append(PlanRow(*row))
+    return histories
+
+
+def change_plan(engine: Engine, account: str, plan: str | None, effective_from: datetime, actor: str) -> None:
+    """From ``effective_from`` (a whole second) on, ``account`` is on ``plan`` (None: no plan);
+    the change and who made it are also in the audit log. The account is created if need be."""
+    with engine.begin() as connection:
+        connection.execute(
+            insert(accounts_table).values(account_id=account, plan=None).on_conflict_do_nothing()
+        )
+        statement = insert(plan_changes_table).values(
+            account_id=account, plan=plan, effective_from=effective_from, actor=actor
+        )
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[plan_changes_table.c.account_id, plan_changes_table.c.effective_from],
+                set_={"plan": statement.excluded.plan, "actor": statement.excluded.actor},
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO audit_log (actor, action, subject, details) "
+                "VALUES (:actor, 'plan_change', :account, CAST(:details AS jsonb))"
+            ),
+            {
+                "actor": actor,
+                "account": account,
+                "details": _json.encode({"plan": plan, "effective_from": effective_from.isoformat()}).decode(),
+            },
+        )
 
 
 def upsert_plans(engine: Engine, plans: Sequence[dict[str, Any]]) -> None:

@@ -16,6 +16,15 @@ use dec::{Context, Decimal, Rounding};
 /// 28), so nothing is ever cut on the way in.
 pub type Dec = Decimal<12>;
 
+/// Money is summed exactly (docs/PRICING.md): an event's amount is a product of a few decimals of
+/// at most 28 digits each (a price, a quantity, seconds, a multiplier), which needs ~60-110
+/// digits, and a window sums many of them. 180 digits hold every such product and sum Tally's
+/// bounds allow (a quantity at most 10^15, a price at most 10^15 with at most 18 places); an
+/// operation that would round sets the `inexact` status, which `Arith::wide_was_exact` reports,
+/// so an event whose amount could not be held exactly is refused rather than rounded.
+pub type Wide = Decimal<60>;
+const WIDE_PRECISION: usize = 180;
+
 const PRECISION: usize = 28;
 const MAX_EXPONENT: isize = 999_999;
 const MIN_EXPONENT: isize = -999_999;
@@ -25,6 +34,8 @@ pub struct Arith {
     cx: Context<Dec>,
     /// Reading text exactly (all 36 digits), as `Decimal(text)` does.
     exact: Context<Dec>,
+    /// Exact money: 180 digits, half-even should it ever round (flagged, see `Wide`).
+    wide: Context<Wide>,
 }
 
 impl Default for Arith {
@@ -41,7 +52,12 @@ impl Arith {
         cx.set_max_exponent(MAX_EXPONENT).expect("valid exponent");
         cx.set_min_exponent(MIN_EXPONENT).expect("valid exponent");
         let exact = Context::<Dec>::default(); // 36 digits: the type's whole room
-        Arith { cx, exact }
+        let mut wide = Context::<Wide>::default();
+        wide.set_precision(WIDE_PRECISION).expect("180 digits fit");
+        wide.set_rounding(Rounding::HalfEven);
+        wide.set_max_exponent(MAX_EXPONENT).expect("valid exponent");
+        wide.set_min_exponent(MIN_EXPONENT).expect("valid exponent");
+        Arith { cx, exact, wide }
     }
 
     /// `Decimal(text)` for a finite decimal; None for anything else, or more digits than fit.
@@ -57,11 +73,6 @@ impl Arith {
 
     pub fn of_u64(&mut self, n: u64) -> Dec {
         self.exact.from_u64(n)
-    }
-
-    /// `Decimal(int)`, exact up to 36 digits (Tally's counts stay far below: 10^12 per event).
-    pub fn of_i128(&mut self, n: i128) -> Dec {
-        self.exact.from_i128(n)
     }
 
     pub fn add(&mut self, lhs: &Dec, rhs: &Dec) -> Dec {
@@ -86,6 +97,63 @@ impl Arith {
     pub fn cmp(&mut self, lhs: &Dec, rhs: &Dec) -> Ordering {
         self.cx.partial_cmp(lhs, rhs).unwrap_or(Ordering::Equal)
     }
+}
+
+impl Arith {
+    /// A decimal as a wide one (exact: the wide type has more room).
+    pub fn widen(&mut self, value: &Dec) -> Wide {
+        self.wide.to_width(*value)
+    }
+
+    pub fn wide_of_i128(&mut self, n: i128) -> Wide {
+        self.wide.from_i128(n)
+    }
+
+    /// `Decimal(text)` into the wide type; None for anything not a finite decimal that fits.
+    pub fn wide_parse(&mut self, text: &str) -> Option<Wide> {
+        let before = self.wide.status();
+        self.wide.clear_status();
+        let value = self.wide.parse(text).ok();
+        let status = self.wide.status();
+        let exact = !(status.inexact() || status.rounded());
+        self.wide.set_status(before);
+        value.filter(|v| exact && v.is_finite())
+    }
+
+    /// A decimal times a decimal of any width, exactly, as a wide one.
+    pub fn mul_wide<const M: usize>(&mut self, lhs: &Dec, rhs: &Decimal<M>) -> Wide {
+        let mut out = self.widen(lhs);
+        self.wide.mul(&mut out, rhs);
+        out
+    }
+
+    pub fn wide_add(&mut self, lhs: &Wide, rhs: &Wide) -> Wide {
+        let mut out = *lhs;
+        self.wide.add(&mut out, rhs);
+        out
+    }
+
+    pub fn wide_mul(&mut self, lhs: &Wide, rhs: &Wide) -> Wide {
+        let mut out = *lhs;
+        self.wide.mul(&mut out, rhs);
+        out
+    }
+
+    pub fn wide_cmp(&mut self, lhs: &Wide, rhs: &Wide) -> Ordering {
+        self.wide.partial_cmp(lhs, rhs).unwrap_or(Ordering::Equal)
+    }
+
+    /// Whether every wide operation since the last call was exact; resets the flag.
+    pub fn wide_was_exact(&mut self) -> bool {
+        let inexact = self.wide.status().inexact();
+        self.wide.clear_status();
+        !inexact
+    }
+}
+
+/// `str(Decimal)` of a wide value (the same specification's to-scientific-string).
+pub fn wide_text(value: &Wide) -> String {
+    value.to_string()
 }
 
 /// `str(Decimal)`: the specification's to-scientific-string.

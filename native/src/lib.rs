@@ -9,8 +9,9 @@ mod json;
 mod meter;
 mod msgpack;
 mod outputs;
-mod pricing;
 mod schema;
+mod sessions;
+mod spec;
 mod state;
 mod time;
 mod usage;
@@ -69,6 +70,13 @@ fn route<'py>(
 #[pymodule]
 fn tally_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<window::WindowCore>()?;
+    m.add_class::<spec::BookSpec>()?;
+    m.add_class::<spec::VersionSpec>()?;
+    m.add_class::<spec::GpuRatesSpec>()?;
+    m.add_class::<spec::DemandStepSpec>()?;
+    m.add_class::<spec::TierSpec>()?;
+    m.add_class::<spec::ProductSpec>()?;
+    m.add_class::<spec::PlanSpec>()?;
     m.add_class::<meter::MeterCore>()?;
     m.add_class::<meter::PollOutput>()?;
     m.add_function(wrap_pyfunction!(field_tables, m)?)?;

@@ -312,11 +312,15 @@ impl MeterCore {
     }
 
     /// Start a poll: event times are accepted within [earliest_us, latest_us] (epoch
-    /// microseconds: now - horizon, now + tolerance).
-    fn begin(&mut self, py: Python<'_>, earliest_us: i64, latest_us: i64) {
+    /// microseconds: now - horizon, now + tolerance); `plans_generation` says whether the plan
+    /// directory changed since the last poll (`WindowCore.begin_poll`).
+    fn begin(&mut self, py: Python<'_>, earliest_us: i64, latest_us: i64, plans_generation: i64) {
         self.earliest_us = earliest_us;
         self.latest_us = latest_us;
-        self.windows.bind(py).borrow_mut().begin_poll();
+        self.windows
+            .bind(py)
+            .borrow_mut()
+            .begin_poll(plans_generation);
     }
 
     /// Run the fast path over `records[start:]` (Kafka records: `.value`, `.offset`) until a

@@ -6,6 +6,10 @@ pub fn write_nil(out: &mut Vec<u8>) {
     out.push(0xc0);
 }
 
+pub fn write_bool(out: &mut Vec<u8>, value: bool) {
+    out.push(if value { 0xc3 } else { 0xc2 });
+}
+
 pub fn write_array_len(out: &mut Vec<u8>, len: usize) {
     if len < 16 {
         out.push(0x90 | len as u8);
@@ -91,6 +95,7 @@ pub fn write_int(out: &mut Vec<u8>, value: i128) -> Option<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value<'a> {
     Nil,
+    Bool(bool),
     Int(i128),
     Str(&'a str),
     Bin(&'a [u8]),
@@ -138,6 +143,8 @@ impl<'a> Reader<'a> {
             0x90..=0x9f => Value::Array(usize::from(tag & 0x0f)),
             0xa0..=0xbf => return self.sized_str(usize::from(tag & 0x1f)),
             0xc0 => Value::Nil,
+            0xc2 => Value::Bool(false),
+            0xc3 => Value::Bool(true),
             0xc4..=0xc6 => {
                 let len = self.uint(1 << (tag - 0xc4))? as usize;
                 Value::Bin(self.take(len)?)
@@ -167,6 +174,13 @@ impl<'a> Reader<'a> {
     pub fn str(&mut self) -> Option<&'a str> {
         match self.value()? {
             Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn bool(&mut self) -> Option<bool> {
+        match self.value()? {
+            Value::Bool(b) => Some(b),
             _ => None,
         }
     }

@@ -88,6 +88,7 @@ const REQ: Default = Default::Required;
 const NULL: Default = Default::Null;
 
 pub mod gpu {
+    pub const SESSION_ID: usize = 0;
     pub const PROVIDER_ID: usize = 1;
     pub const GPU_MODEL: usize = 3;
     pub const GPU_COUNT: usize = 4;
@@ -129,6 +130,7 @@ pub mod api {
     pub const TOKENS_IN: usize = 2;
     pub const TOKENS_OUT: usize = 3;
     pub const PRODUCT_ID: usize = 4;
+    pub const STATUS: usize = 6;
 }
 const API: &[Field] = &[
     field("endpoint", Type::Str { min: 1, max: 512 }, false, REQ),

@@ -1,7 +1,9 @@
-//! The window core's state and its encoding, byte for byte as agents/window.py writes it with
-//! msgspec: an open window's key is `\x00o` + msgpack [account, meter, [[dim, value], ...],
-//! start], its value the `Tally` struct as a msgpack array [quantity, amount, unit, version,
-//! provider, revision, charged] (decimals as their `str()`, counted quantities as ints).
+//! The window core's state and its encoding, as agents/window.py reads it with msgspec: an open
+//! window's key is `\x00o` + msgpack [account, meter, [[dim, value], ...], start], its value the
+//! `Tally` struct as a msgpack array [quantity, amount, unit, version, provider, revision,
+//! charged, book, since, fee_percent, fractions] (decimals as their `str()`, counted quantities
+//! as ints; a tally of 4 to 10 fields, written before the later fields existed, reads with their
+//! defaults).
 //!
 //! Strings are interned (one id per distinct account, meter, dimension, unit, label), so a window
 //! key is four numbers: hashing it per event costs a few ns, not a pass over its strings.
@@ -10,11 +12,12 @@ use std::cmp::Ordering;
 
 use rustc_hash::FxHashMap;
 
-use crate::decimal::{text, Arith, Dec};
+use crate::decimal::{text, wide_text, Arith, Dec, Wide};
 use crate::msgpack::{self, Reader, Value};
 
 pub const OPEN: &[u8] = b"\x00o";
 pub const SESSION: &[u8] = b"\x00s";
+pub const GPU_SESSION: &[u8] = b"\x00g";
 pub const WATERMARK: &[u8] = b"\x00watermark";
 
 #[derive(Default)]
@@ -88,49 +91,84 @@ pub struct Key {
 #[derive(Clone, Copy, Debug)]
 pub enum Qty {
     Int(i128),
-    Dec(Dec),
+    Dec(Wide),
 }
 
+/// A window's usage so far: its quantity and exact amount (the part over denominator 1 in
+/// `amount`, GPU rates with a VRAM share as (denominator, numerator) pairs in `fractions`, so
+/// nothing is divided, hence rounded, before the charge is made), and what rated it: the unit,
+/// the price-book version and book, when the plan-and-version segment it belongs to began
+/// (`since`), the GPU provider and platform fee.
 #[derive(Clone, Debug)]
 pub struct Tally {
     pub quantity: Qty,
-    pub amount: Dec,
+    pub amount: Wide,
     pub unit: u32,
     pub version: u32,
     pub provider: Option<u32>,
     pub revision: i128,
     pub charged: i128,
+    pub book: Option<u32>,
+    pub since: i64,
+    pub fee_percent: Option<Dec>,
+    pub fractions: Vec<(Dec, Wide)>,
+}
+
+/// What one event adds to one window.
+pub struct Part {
+    pub meter: u32,
+    pub dims: u32,
+    pub quantity: Qty,
+    pub amount: Wide,
+    pub fraction: Option<(Dec, Wide)>, // amount over a denominator other than 1
+    pub unit: u32,
+    pub provider: Option<u32>,
+    pub fee_percent: Option<Dec>,
 }
 
 impl Tally {
-    /// `_new_tally`: an empty window counting in ints for a counted meter, in decimals else.
-    pub fn empty(like: &Qty, unit: u32, version: u32, provider: Option<u32>, zero: Dec) -> Tally {
-        let quantity = match like {
+    /// An empty window counting in ints for a counted meter, in decimals else.
+    pub fn empty(part: &Part, version: u32, book: u32, since: i64, zero: Wide) -> Tally {
+        let quantity = match part.quantity {
             Qty::Int(_) => Qty::Int(0),
             Qty::Dec(_) => Qty::Dec(zero),
         };
         Tally {
             quantity,
             amount: zero,
-            unit,
+            unit: part.unit,
             version,
-            provider,
+            provider: part.provider,
             revision: -1,
             charged: 0,
+            book: Some(book),
+            since,
+            fee_percent: part.fee_percent,
+            fractions: Vec::new(),
         }
     }
 
-    /// `tally.quantity += quantity; tally.amount += amount`, with Python's int/Decimal mixing.
-    pub fn add(&mut self, arith: &mut Arith, quantity: &Qty, amount: &Dec) {
-        self.quantity = match (self.quantity, *quantity) {
+    /// Sum a part into the window, exactly.
+    pub fn add(&mut self, arith: &mut Arith, part: &Part) {
+        self.quantity = match (self.quantity, part.quantity) {
             (Qty::Int(a), Qty::Int(b)) => Qty::Int(a + b),
-            (Qty::Dec(a), Qty::Dec(b)) => Qty::Dec(arith.add(&a, &b)),
+            (Qty::Dec(a), Qty::Dec(b)) => Qty::Dec(arith.wide_add(&a, &b)),
             (Qty::Dec(a), Qty::Int(b)) | (Qty::Int(b), Qty::Dec(a)) => {
-                let whole = arith.of_i128(b);
-                Qty::Dec(arith.add(&a, &whole))
+                let whole = arith.wide_of_i128(b);
+                Qty::Dec(arith.wide_add(&a, &whole))
             }
         };
-        self.amount = arith.add(&self.amount, amount);
+        self.amount = arith.wide_add(&self.amount, &part.amount);
+        if let Some((denominator, numerator)) = &part.fraction {
+            let same = self
+                .fractions
+                .iter()
+                .position(|(d, _)| arith.cmp(d, denominator).is_eq());
+            match same {
+                Some(i) => self.fractions[i].1 = arith.wide_add(&self.fractions[i].1, numerator),
+                None => self.fractions.push((*denominator, *numerator)),
+            }
+        }
     }
 }
 
@@ -177,21 +215,34 @@ pub fn encode_key(names: &Names, dims: &DimsTable, key: &Key) -> Vec<u8> {
 /// The tally's msgpack array; None when an int is beyond MessagePack's range (msgspec would
 /// raise as well).
 pub fn encode_tally(names: &Names, tally: &Tally) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(48);
-    msgpack::write_array_len(&mut out, 7);
+    let mut out = Vec::with_capacity(64);
+    msgpack::write_array_len(&mut out, 11);
     match &tally.quantity {
         Qty::Int(v) => msgpack::write_int(&mut out, *v)?,
-        Qty::Dec(v) => msgpack::write_str(&mut out, &text(v)),
+        Qty::Dec(v) => msgpack::write_str(&mut out, &wide_text(v)),
     }
-    msgpack::write_str(&mut out, &text(&tally.amount));
+    msgpack::write_str(&mut out, &wide_text(&tally.amount));
     msgpack::write_str(&mut out, names.get(tally.unit));
     msgpack::write_str(&mut out, names.get(tally.version));
-    match tally.provider {
-        Some(p) => msgpack::write_str(&mut out, names.get(p)),
-        None => msgpack::write_nil(&mut out),
-    }
+    let write_name = |out: &mut Vec<u8>, id: Option<u32>| match id {
+        Some(id) => msgpack::write_str(out, names.get(id)),
+        None => msgpack::write_nil(out),
+    };
+    write_name(&mut out, tally.provider);
     msgpack::write_int(&mut out, tally.revision)?;
     msgpack::write_int(&mut out, tally.charged)?;
+    write_name(&mut out, tally.book);
+    msgpack::write_int(&mut out, i128::from(tally.since))?;
+    match &tally.fee_percent {
+        Some(p) => msgpack::write_str(&mut out, &text(p)),
+        None => msgpack::write_nil(&mut out),
+    }
+    msgpack::write_array_len(&mut out, tally.fractions.len());
+    for (denominator, numerator) in &tally.fractions {
+        msgpack::write_array_len(&mut out, 2);
+        msgpack::write_str(&mut out, &text(denominator));
+        msgpack::write_str(&mut out, &wide_text(numerator));
+    }
     Some(out)
 }
 
@@ -224,15 +275,15 @@ pub fn decode_key(names: &mut Names, dims: &mut DimsTable, raw: &[u8]) -> Option
 pub fn decode_tally(names: &mut Names, arith: &mut Arith, raw: &[u8]) -> Option<Tally> {
     let mut r = Reader::new(raw);
     let fields = r.array()?;
-    if !(4..=7).contains(&fields) {
+    if !(4..=11).contains(&fields) {
         return None;
     }
     let quantity = match r.value()? {
         Value::Int(v) => Qty::Int(v),
-        Value::Str(s) => Qty::Dec(arith.parse(s)?),
+        Value::Str(s) => Qty::Dec(arith.wide_parse(s)?),
         _ => return None,
     };
-    let amount = arith.parse(r.str()?)?;
+    let amount = arith.wide_parse(r.str()?)?;
     let unit = names.id(r.str()?);
     let version = names.id(r.str()?);
     let mut tally = Tally {
@@ -243,19 +294,47 @@ pub fn decode_tally(names: &mut Names, arith: &mut Arith, raw: &[u8]) -> Option<
         provider: None,
         revision: -1,
         charged: 0,
+        book: None,
+        since: 0,
+        fee_percent: None,
+        fractions: Vec::new(),
+    };
+    let mut name = |r: &mut Reader<'_>| match r.value()? {
+        Value::Nil => Some(None),
+        Value::Str(s) => Some(Some(names.id(s))),
+        _ => None,
     };
     if fields > 4 {
-        tally.provider = match r.value()? {
-            Value::Nil => None,
-            Value::Str(s) => Some(names.id(s)),
-            _ => return None,
-        };
+        tally.provider = name(&mut r)?;
     }
     if fields > 5 {
         tally.revision = r.int()?;
     }
     if fields > 6 {
         tally.charged = r.int()?;
+    }
+    if fields > 7 {
+        tally.book = name(&mut r)?;
+    }
+    if fields > 8 {
+        tally.since = i64::try_from(r.int()?).ok()?;
+    }
+    if fields > 9 {
+        tally.fee_percent = match r.value()? {
+            Value::Nil => None,
+            Value::Str(s) => Some(arith.parse(s)?),
+            _ => return None,
+        };
+    }
+    if fields > 10 {
+        for _ in 0..r.array()? {
+            if r.array()? != 2 {
+                return None;
+            }
+            let denominator = arith.parse(r.str()?)?;
+            let numerator = arith.wide_parse(r.str()?)?;
+            tally.fractions.push((denominator, numerator));
+        }
     }
     r.at_end().then_some(tally)
 }

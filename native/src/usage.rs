@@ -1,41 +1,33 @@
-//! What one event adds to windows, operation for operation as agents/window.py's `usage_of` and
-//! `Windows._join_session` did before this core (and `agents.rating` still does for quotes): a GPU
-//! heartbeat's hourly rate, an API request's overage and product units, storage's GB-seconds, a
-//! compute session once both its ends are seen.
+//! What one event adds to windows (docs/PRICING.md has each rule): a GPU heartbeat's exact
+//! seconds at its hourly rate (and its session's running total, sessions.rs), an API request's
+//! billable requests and product units, storage's GB-seconds, a compute session once both its
+//! ends are seen. Every amount is exact: `Wide` products of the event's decimals and the book's
+//! prices; a GPU rate with a VRAM share keeps the card's total VRAM as its denominator.
+//! Amounts are per second for the time meters (GPU, storage, compute): the close divides once.
 
-use pyo3::exceptions::PyValueError;
+use std::sync::Arc;
+
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use rustc_hash::FxHashMap;
 
-use crate::decimal::Dec;
+use crate::decimal::{Dec, Wide};
 use crate::event::{api, gpu, session, storage, Event, Kind};
-use crate::msgpack::{self, Reader, Value};
-use crate::pricing::Book;
-use crate::state::{Names, Qty, SESSION};
+use crate::msgpack;
+use crate::sessions::{ComputeSession, GpuSession, GpuWindow};
+use crate::spec::{Book, Plan, PlanHistory, Version};
+use crate::state::{Key, Names, Part, Qty, GPU_SESSION, SESSION};
 use crate::time::floor_seconds;
-use crate::window::{repr, Refusal, WindowCore};
-
-const MICROS: i64 = 1_000_000;
-
-/// What an event adds to one window: meter, dimensions, quantity, amount, unit, provider.
-pub(crate) struct Part {
-    pub(crate) meter: u32,
-    pub(crate) dims: u32,
-    pub(crate) quantity: Qty,
-    pub(crate) amount: Dec,
-    pub(crate) unit: u32,
-    pub(crate) provider: Option<u32>,
-}
+use crate::window::{repr, Placed, Refusal, WindowCore};
 
 /// Ids of the fixed names, and of meters built from a name ("product:<id>", ...).
 pub(crate) struct Vocabulary {
-    gpu: u32,
-    api_overage: u32,
-    gpu_model: u32,
-    provider_id: u32,
+    pub(crate) gpu: u32,
+    pub(crate) api_overage: u32,
+    pub(crate) gpu_model: u32,
+    pub(crate) provider_id: u32,
     tier: u32,
-    gpu_hour: u32,
+    pub(crate) gpu_hour: u32,
     request: u32,
     gb_month: u32,
     hour: u32,
@@ -71,188 +63,388 @@ impl Vocabulary {
     }
 }
 
+/// The plan and price-book version in force at one moment, and the window they put it in.
+struct Rated {
+    plan: Arc<Plan>,
+    book: Arc<Book>,
+    version: Arc<Version>,
+    since: i64,
+    start: i64,
+}
+
+/// A session's state key: `prefix` + msgpack [account, session id].
+fn session_key(prefix: &[u8], account: &str, session_id: &str) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    msgpack::write_array_len(&mut key, 2);
+    msgpack::write_str(&mut key, account);
+    msgpack::write_str(&mut key, session_id);
+    key
+}
+
 impl WindowCore {
-    /// `usage_of`: the metered parts of a GPU heartbeat, an API request or storage held.
+    /// The plan and version in force at `moment`, or why the account's usage cannot be priced.
+    fn rated_at(&self, py: Python<'_>, plans: &PlanHistory, moment: i64) -> Result<Rated, Refusal> {
+        let plan = plans.at(moment).clone();
+        let Some(book) = plan.book.clone() else {
+            let why = plan.unpriced.clone();
+            return Err(Refusal::Unpriced(
+                why.unwrap_or_else(|| "the account's plan has no price book".into()),
+            ));
+        };
+        let Some(index) = book.version_at(moment) else {
+            return Err(Refusal::Unpriced(format!(
+                "price book {} has no version in force at {}",
+                repr(py, &book.name),
+                crate::time::isoformat(moment * 1_000_000)
+            )));
+        };
+        let version = book.versions[index].clone();
+        let since = plan.effective_from.max(version.effective_from);
+        let start = self.window_start(moment, since);
+        Ok(Rated {
+            plan,
+            book,
+            version,
+            since,
+            start,
+        })
+    }
+
+    fn placed(&mut self, rated: &Rated, account: u32, start: i64, part: Part) -> Placed {
+        Placed {
+            key: Key {
+                account,
+                meter: part.meter,
+                dims: part.dims,
+                start,
+            },
+            part,
+            version: self.names.id(&rated.version.label),
+            book: self.names.id(&rated.book.name),
+            since: rated.since,
+        }
+    }
+
+    /// An amount over `denominator` as a part's (amount, fraction): over 1, the amount itself.
+    fn over(&mut self, numerator: Wide, denominator: Dec) -> (Wide, Option<(Dec, Wide)>) {
+        let one = self.arith.of_u64(1);
+        if self.arith.cmp(&denominator, &one).is_eq() {
+            (numerator, None)
+        } else {
+            (self.zero, Some((denominator, numerator)))
+        }
+    }
+
+    /// What `event` adds, and where; nothing is changed when it is refused.
     pub(crate) fn usage_of(
         &mut self,
         py: Python<'_>,
         event: &Event<'_>,
         account: u32,
-        book: usize,
-        index: usize,
-        start: i64,
-    ) -> Result<Vec<Part>, Refusal> {
-        let label = |books: &[(Py<PyAny>, Book)]| books[book].1.versions[index].label.clone();
-        match event.kind {
-            Kind::Gpu => {
-                let model = event.str(gpu::GPU_MODEL).unwrap_or_default();
-                let provider = event.str(gpu::PROVIDER_ID).unwrap_or_default();
-                let (hourly, billable) = {
-                    let version = &self.books[book].1.versions[index];
-                    let Some(rates) = version
-                        .gpu
-                        .as_ref()
-                        .filter(|r| r.base_rate_per_hour.contains_key(&*model))
-                    else {
-                        let detail = format!(
-                            "no GPU rate for {} in price book {}",
-                            repr(py, &model),
-                            label(&self.books)
-                        );
-                        return Err(Refusal::Unpriced(detail));
-                    };
-                    let demand = (!rates.demand_schedule.is_empty())
-                        .then(|| rates.demand_at(start * MICROS, &model));
-                    let minimum = rates.provider_minimum_per_hour.get(&*provider).copied();
-                    let total = event.dec(gpu::VRAM_TOTAL).unwrap_or(self.zero);
-                    let allocated = event.dec(gpu::VRAM_ALLOCATED).unwrap_or(self.zero);
-                    let power = event.dec(gpu::POWER).unwrap_or(self.zero);
-                    let arith = &mut self.arith;
-                    // agents.rating.gpu_hourly_rate, operation for operation.
-                    let compute = if rates.per_gb_hour {
-                        arith.mul(
-                            &allocated,
-                            &rates.vram_rate_per_gb_hour.unwrap_or(self.zero),
-                        )
-                    } else {
-                        let share = if arith.cmp(&total, &self.zero).is_gt() {
-                            arith.div(&allocated, &total)
-                        } else {
-                            self.one
-                        };
-                        arith.mul(&rates.base_rate_per_hour[&*model], &share)
-                    };
-                    let watts = arith.mul(&power, &rates.power_rate_per_watt_hour);
-                    let mut hourly = arith.add(&compute, &watts);
-                    let multiplier = demand.unwrap_or(rates.demand_multiplier);
-                    if arith.cmp(&multiplier, &self.one).is_ne() {
-                        hourly = arith.mul(&hourly, &multiplier);
-                    }
-                    if let Some(floor) = minimum.filter(|m| !m.is_zero()) {
-                        if arith.cmp(&floor, &hourly).is_gt() {
-                            hourly = floor;
-                        }
-                    }
-                    let count = event.int(gpu::GPU_COUNT).unwrap_or(1);
-                    let interval = event.int(gpu::INTERVAL).unwrap_or(0);
-                    (hourly, rates.billable_seconds(interval) * count)
-                };
-                let seconds = self.arith.of_u64(billable);
-                let amount = self.arith.mul(&seconds, &hourly);
-                let (model_id, provider_id) = (self.names.id(&model), self.names.id(&provider));
-                let v = &self.vocabulary;
-                let dims = self
-                    .dims
-                    .id(&[(v.gpu_model, model_id), (v.provider_id, provider_id)]);
-                let part = Part {
-                    meter: v.gpu,
-                    dims,
-                    quantity: Qty::Dec(seconds),
-                    amount,
-                    unit: v.gpu_hour,
-                    provider: Some(provider_id),
-                };
-                Ok(vec![part])
+        plans: &PlanHistory,
+        moment: i64,
+    ) -> PyResult<Result<Vec<Placed>, Refusal>> {
+        let rated = match self.rated_at(py, plans, moment) {
+            Ok(rated) => rated,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        Ok(match event.kind {
+            Kind::Gpu => return self.heartbeat(py, event, account, &rated),
+            Kind::Api => self.api_request(py, event, account, &rated),
+            Kind::Storage => self.storage(py, event, account, &rated),
+            Kind::SessionStarted | Kind::SessionEnded => {
+                return self.session_event(py, event, account, plans, &rated)
             }
-            Kind::Api => {
-                let mut parts = Vec::with_capacity(2);
-                let tier = self.plans[&account].api_tier.clone();
-                if let Some(tier) = tier {
-                    if !self.version(book, index).api_tiers.contains(&tier) {
-                        let detail = format!(
-                            "no API tier {} in price book {}",
-                            repr(py, &tier),
-                            label(&self.books)
-                        );
-                        return Err(Refusal::Unpriced(detail));
-                    }
-                    let tier_id = self.names.id(&tier);
-                    let dims = self.dims.id(&[(self.vocabulary.tier, tier_id)]);
-                    let requests = i128::from(event.int(api::REQUEST_COUNT).unwrap_or(0));
-                    parts.push(Part {
-                        meter: self.vocabulary.api_overage,
-                        dims,
-                        quantity: Qty::Int(requests),
-                        amount: self.zero,
-                        unit: self.vocabulary.request,
-                        provider: None,
-                    });
-                }
-                if let Some(product) = event.str(api::PRODUCT_ID) {
-                    if let Some(unit) = self
-                        .version(book, index)
-                        .product_units
-                        .get(&*product)
-                        .cloned()
-                    {
-                        let tokens = event.int(api::TOKENS_IN).unwrap_or(0)
-                            + event.int(api::TOKENS_OUT).unwrap_or(0);
-                        let meter = self.vocabulary.meter(&mut self.names, 0, &product);
-                        parts.push(Part {
-                            meter,
-                            dims: 0,
-                            quantity: Qty::Int(i128::from(tokens)),
-                            amount: self.zero,
-                            unit: self.names.id(&unit),
-                            provider: None,
-                        });
-                    }
-                }
-                Ok(parts)
-            }
-            Kind::Storage => {
-                let kind = event.str(storage::KIND).unwrap_or_default();
-                let Some(per_gb_month) = self
-                    .version(book, index)
-                    .storage_per_gb_month
-                    .get(&*kind)
-                    .copied()
-                else {
-                    let detail = format!(
-                        "no storage rate for {} in price book {}",
-                        repr(py, &kind),
-                        label(&self.books)
-                    );
-                    return Err(Refusal::Unpriced(detail));
-                };
-                let gb = event.dec(storage::GB).unwrap_or(self.zero);
-                let duration = self.arith.of_u64(event.int(storage::DURATION).unwrap_or(0));
-                let gb_seconds = self.arith.mul(&gb, &duration);
-                let amount = self.arith.mul(&gb_seconds, &per_gb_month);
-                let meter = self.vocabulary.meter(&mut self.names, 1, &kind);
-                let unit = self.vocabulary.gb_month;
-                Ok(vec![Part {
-                    meter,
-                    dims: 0,
-                    quantity: Qty::Dec(gb_seconds),
-                    amount,
-                    unit,
-                    provider: None,
-                }])
-            }
-            Kind::SessionStarted | Kind::SessionEnded => Ok(Vec::new()),
-        }
+        })
     }
 
-    /// Seed 002's compute sessions (`Windows._join_session`): the first end seen waits in state,
-    /// the second charges the session in the end's window. Ok(Some((end time, parts))) once both
-    /// ends are seen.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn join_session(
+    /// A GPU heartbeat: its seconds at its hourly rate (VRAM share or GB, power, demand at its
+    /// time, floored at the provider's minimum), all its GPUs, and its session's running total.
+    fn heartbeat(
         &mut self,
         py: Python<'_>,
         event: &Event<'_>,
         account: u32,
-        book: usize,
-        index: usize,
-    ) -> PyResult<Result<Option<(i64, Vec<Part>)>, Refusal>> {
+        rated: &Rated,
+    ) -> PyResult<Result<Vec<Placed>, Refusal>> {
+        let model = event.str(gpu::GPU_MODEL).unwrap_or_default();
+        let provider = event.str(gpu::PROVIDER_ID).unwrap_or_default();
+        let Some(rates) = rated
+            .version
+            .gpu
+            .clone()
+            .filter(|r| r.base_rate_per_hour.contains_key(&*model))
+        else {
+            let detail = format!(
+                "no GPU rate for {} in price book {}",
+                repr(py, &model),
+                rated.version.label
+            );
+            return Ok(Err(Refusal::Unpriced(detail)));
+        };
+        let moment = floor_seconds(event.time_us);
+        let zero = self.arith.of_u64(0);
+        let total = event.dec(gpu::VRAM_TOTAL).unwrap_or(zero);
+        let allocated = event.dec(gpu::VRAM_ALLOCATED).unwrap_or(zero);
+        let power = event.dec(gpu::POWER).unwrap_or(zero);
+        let arith = &mut self.arith;
+        // The hourly rate as numerator / denominator: (base x allocated + watts x power rate x
+        // total) / total for a VRAM share, so nothing is divided before the charge is made.
+        let watts = arith.mul_wide(&power, &rates.power_rate_per_watt_hour);
+        let one = arith.of_u64(1);
+        let (mut numerator, denominator) = if rates.per_gb_hour {
+            let vram = rates.vram_rate_per_gb_hour.unwrap_or(zero);
+            let compute = arith.mul_wide(&allocated, &vram);
+            (arith.wide_add(&compute, &watts), one)
+        } else if arith.cmp(&total, &zero).is_gt() {
+            let compute = arith.mul_wide(&rates.base_rate_per_hour[&*model], &allocated);
+            let total_wide = arith.widen(&total);
+            let watts_share = arith.wide_mul(&watts, &total_wide);
+            (arith.wide_add(&compute, &watts_share), total)
+        } else {
+            let base = arith.widen(&rates.base_rate_per_hour[&*model]);
+            (arith.wide_add(&base, &watts), one)
+        };
+        let demand = rates.demand_at(moment, &model);
+        if arith.cmp(&demand, &one).is_ne() {
+            let demand = arith.widen(&demand);
+            numerator = arith.wide_mul(&numerator, &demand);
+        }
+        let mut denominator = denominator;
+        if let Some(floor) = rates.provider_minimum_per_hour.get(&*provider) {
+            // max(rate, floor): floor x denominator against the numerator.
+            let floor_wide = arith.widen(floor);
+            let scaled = arith.mul_wide(floor, &denominator);
+            if !floor.is_zero() && arith.wide_cmp(&scaled, &numerator).is_gt() {
+                (numerator, denominator) = (floor_wide, one);
+            }
+        }
+        let count = i64::try_from(event.int(gpu::GPU_COUNT).unwrap_or(1)).unwrap_or(1);
+        let interval = i64::try_from(event.int(gpu::INTERVAL).unwrap_or(0)).unwrap_or(0);
+        let count_wide = arith.wide_of_i128(i128::from(count));
+        let rate = arith.wide_mul(&numerator, &count_wide);
+        let seconds = arith.wide_of_i128(i128::from(interval));
+        let amount = arith.wide_mul(&rate, &seconds);
+        if !arith.wide_was_exact() {
+            return Ok(Err(Refusal::Unpriced(
+                "the heartbeat's amount exceeds exact arithmetic (180 digits)".into(),
+            )));
+        }
+        let (model_id, provider_id) = (self.names.id(&model), self.names.id(&provider));
+        let v = &self.vocabulary;
+        let dims = self
+            .dims
+            .id(&[(v.gpu_model, model_id), (v.provider_id, provider_id)]);
+        let (amount, fraction) = self.over(amount, denominator);
+        let part = Part {
+            meter: self.vocabulary.gpu,
+            dims,
+            quantity: Qty::Int(i128::from(interval * count)),
+            amount,
+            fraction,
+            unit: self.vocabulary.gpu_hour,
+            provider: Some(provider_id),
+            fee_percent: Some(rates.platform_fee_percent),
+        };
+        let mut placed = vec![self.placed(rated, account, rated.start, part)];
+        // The session: its time so far, its latest heartbeat, its rounding once ended.
+        let session_id = event.str(gpu::SESSION_ID).unwrap_or_default();
+        let key = session_key(GPU_SESSION, &event.subject, &session_id);
+        let mut session = match self.gpu.remove(&key) {
+            Some(session) => session,
+            None => self
+                .stored_session(py, &key)?
+                .unwrap_or_else(|| GpuSession {
+                    seconds: 0,
+                    last_us: i64::MIN,
+                    last_identity: Vec::new(),
+                    last_interval: 0,
+                    gpu_count: 1,
+                    numerator: self.zero,
+                    denominator: one,
+                    window: GpuWindow {
+                        start: 0,
+                        model: String::new(),
+                        provider: String::new(),
+                        version: String::new(),
+                        book: String::new(),
+                        since: 0,
+                        fee_percent: None,
+                    },
+                    granularity: 1,
+                    minimum: 0,
+                    ended: false,
+                    rounding: None,
+                }),
+        };
+        let identity = [event.source.as_bytes(), b"\0", event.id.as_bytes()].concat();
+        session.seconds += interval;
+        if (event.time_us, identity.as_slice())
+            > (session.last_us, session.last_identity.as_slice())
+        {
+            session.last_us = event.time_us;
+            session.last_identity = identity;
+            session.last_interval = interval;
+            session.gpu_count = count;
+            session.numerator = rate;
+            session.denominator = denominator;
+            session.window = GpuWindow {
+                start: rated.start,
+                model: model.into_owned(),
+                provider: provider.into_owned(),
+                version: rated.version.label.clone(),
+                book: rated.book.name.clone(),
+                since: rated.since,
+                fee_percent: Some(rates.platform_fee_percent),
+            };
+            session.granularity = rates.billing_granularity_seconds;
+            session.minimum = rates.minimum_session_seconds;
+        }
+        let owed = session.owed_rounding();
+        let before = std::mem::replace(&mut session.rounding, owed.clone());
+        placed.extend(self.rounding_parts(account, before.as_ref(), owed.as_ref()));
+        self.gpu.insert(key.clone(), session);
+        self.gpu_dirty.insert(key);
+        Ok(Ok(placed))
+    }
+
+    fn stored_session(&mut self, py: Python<'_>, key: &[u8]) -> PyResult<Option<GpuSession>> {
+        let raw: Option<Vec<u8>> = self
+            .read
+            .bind(py)
+            .call1((PyBytes::new(py, key),))?
+            .extract()?;
+        match raw.filter(|r| !r.is_empty()) {
+            None => Ok(None),
+            Some(raw) => GpuSession::decode(&raw, &mut self.arith)
+                .map(Some)
+                .ok_or_else(|| {
+                    pyo3::exceptions::PyValueError::new_err("unreadable GPU session in the store")
+                }),
+        }
+    }
+
+    /// An API request: its requests against the plan's tier (overage is rated per period, at the
+    /// close), its tokens of a priced product; a failed one (status not 2xx) only where the
+    /// tier or product charges failed requests.
+    fn api_request(
+        &mut self,
+        py: Python<'_>,
+        event: &Event<'_>,
+        account: u32,
+        rated: &Rated,
+    ) -> Result<Vec<Placed>, Refusal> {
+        let mut placed = Vec::with_capacity(2);
+        let succeeded = (200..300).contains(&event.int(api::STATUS).unwrap_or(200));
+        if let Some(tier) = rated.plan.api_tier.clone() {
+            let Some(spec) = rated.version.api_tiers.get(&tier) else {
+                let detail = format!(
+                    "no API tier {} in price book {}",
+                    repr(py, &tier),
+                    rated.version.label
+                );
+                return Err(Refusal::Unpriced(detail));
+            };
+            let requests = i128::from(event.int(api::REQUEST_COUNT).unwrap_or(0));
+            if requests > 0 && (succeeded || spec.charge_failed) {
+                let tier_id = self.names.id(&tier);
+                let dims = self.dims.id(&[(self.vocabulary.tier, tier_id)]);
+                let part = Part {
+                    meter: self.vocabulary.api_overage,
+                    dims,
+                    quantity: Qty::Int(requests),
+                    amount: self.zero,
+                    fraction: None,
+                    unit: self.vocabulary.request,
+                    provider: None,
+                    fee_percent: None,
+                };
+                placed.push(self.placed(rated, account, rated.start, part));
+            }
+        }
+        if let Some(product) = event.str(api::PRODUCT_ID) {
+            if let Some(spec) = rated.version.products.get(&*product) {
+                let tokens = i128::from(event.int(api::TOKENS_IN).unwrap_or(0))
+                    + i128::from(event.int(api::TOKENS_OUT).unwrap_or(0));
+                if tokens > 0 && (succeeded || spec.charge_failed) {
+                    let meter = self.vocabulary.meter(&mut self.names, 0, &product);
+                    let part = Part {
+                        meter,
+                        dims: 0,
+                        quantity: Qty::Int(tokens),
+                        amount: self.zero,
+                        fraction: None,
+                        unit: self.names.id(&spec.unit),
+                        provider: None,
+                        fee_percent: None,
+                    };
+                    placed.push(self.placed(rated, account, rated.start, part));
+                }
+            }
+        }
+        Ok(placed)
+    }
+
+    /// Storage held: GB x seconds at the kind's price per GB-month.
+    fn storage(
+        &mut self,
+        py: Python<'_>,
+        event: &Event<'_>,
+        account: u32,
+        rated: &Rated,
+    ) -> Result<Vec<Placed>, Refusal> {
+        let kind = event.str(storage::KIND).unwrap_or_default();
+        let Some(per_gb_month) = rated.version.storage_per_gb_month.get(&*kind).copied() else {
+            let detail = format!(
+                "no storage rate for {} in price book {}",
+                repr(py, &kind),
+                rated.version.label
+            );
+            return Err(Refusal::Unpriced(detail));
+        };
+        let zero = self.arith.of_u64(0);
+        let gb = event.dec(storage::GB).unwrap_or(zero);
+        let duration = event.int(storage::DURATION).unwrap_or(0);
+        let arith = &mut self.arith;
+        let duration = arith.wide_of_i128(i128::from(duration));
+        let gb = arith.widen(&gb);
+        let gb_seconds = arith.wide_mul(&gb, &duration);
+        let price = arith.widen(&per_gb_month);
+        let amount = arith.wide_mul(&gb_seconds, &price);
+        if !arith.wide_was_exact() {
+            return Err(Refusal::Unpriced(
+                "the storage amount exceeds exact arithmetic (180 digits)".into(),
+            ));
+        }
+        let meter = self.vocabulary.meter(&mut self.names, 1, &kind);
+        let part = Part {
+            meter,
+            dims: 0,
+            quantity: Qty::Dec(gb_seconds),
+            amount,
+            fraction: None,
+            unit: self.vocabulary.gb_month,
+            provider: None,
+            fee_percent: None,
+        };
+        Ok(vec![self.placed(rated, account, rated.start, part)])
+    }
+
+    /// `session.started` / `session.ended`: a compute session's ends (the first of each wins; a
+    /// later different one is a conflict), charged once both are seen; an end also ends the GPU
+    /// session of that id, if it has one.
+    fn session_event(
+        &mut self,
+        py: Python<'_>,
+        event: &Event<'_>,
+        account: u32,
+        plans: &PlanHistory,
+        rated: &Rated,
+    ) -> PyResult<Result<Vec<Placed>, Refusal>> {
         let session_id = event.str(session::SESSION_ID).unwrap_or_default();
-        let mut key = SESSION.to_vec();
-        msgpack::write_array_len(&mut key, 2);
-        msgpack::write_str(&mut key, &event.subject);
-        msgpack::write_str(&mut key, &session_id);
-        let raw: Option<Vec<u8>> = match self.sessions.get(&key) {
-            Some(pending) => (!pending.is_empty()).then(|| pending.clone()),
+        let key = session_key(SESSION, &event.subject, &session_id);
+        let raw: Option<Vec<u8>> = match self.compute.get(&key) {
+            Some(pending) => Some(pending.clone()),
             None => self
                 .read
                 .bind(py)
@@ -260,18 +452,18 @@ impl WindowCore {
                 .extract()?,
         };
         let mut seen = match raw.as_deref().filter(|r| !r.is_empty()) {
-            Some(raw) => SessionSide::decode(raw)
-                .ok_or_else(|| PyValueError::new_err("unreadable session state"))?,
-            None => SessionSide::default(),
+            Some(raw) => ComputeSession::decode(raw).ok_or_else(|| {
+                pyo3::exceptions::PyValueError::new_err("unreadable session state")
+            })?,
+            None => ComputeSession::default(),
         };
         let at = floor_seconds(event.time_us);
-        let user_type = self.plans[&account].compute_user_type.clone();
-        let version = &self.books[book].1.versions[index];
+        let before = seen.clone();
         if event.kind == Kind::SessionStarted {
             let tier = event.str(session::RESOURCE_TIER).map(|t| t.into_owned());
-            if let (Some(tier), Some(user)) = (&tier, user_type.as_ref().filter(|u| !u.is_empty()))
-            {
-                if !version
+            if let (Some(tier), Some(user)) = (&tier, &rated.plan.compute_user_type) {
+                if !rated
+                    .version
                     .compute_per_hour
                     .get(user)
                     .is_some_and(|rates| rates.contains_key(tier))
@@ -280,96 +472,142 @@ impl WindowCore {
                         "no compute rate for {} x {} in {}",
                         repr(py, user),
                         repr(py, tier),
-                        version.label
+                        rated.version.label
                     );
                     return Ok(Err(Refusal::Unpriced(detail)));
                 }
             }
-            seen.started_at = Some(at);
-            seen.resource_tier = tier;
+            match seen.started_at {
+                Some(first) if (first, &seen.resource_tier) != (at, &tier) => {
+                    return Ok(Err(conflict(py, &session_id, "start")));
+                }
+                Some(_) => {}
+                None => (seen.started_at, seen.resource_tier) = (Some(at), tier),
+            }
         } else {
-            seen.ended_at = Some(at);
-            seen.duration = event.int(session::DURATION).map(i128::from);
+            let duration = event.int(session::DURATION).map(i128::from);
+            match seen.ended_at {
+                Some(first) if (first, seen.duration) != (at, duration) => {
+                    return Ok(Err(conflict(py, &session_id, "end")));
+                }
+                Some(_) => {}
+                None => (seen.ended_at, seen.duration) = (Some(at), duration),
+            }
         }
-        let (Some(started_at), Some(ended_at)) = (seen.started_at, seen.ended_at) else {
-            self.sessions.insert(key, seen.encode());
-            return Ok(Ok(None));
+        let mut placed = Vec::new();
+        if let (Some(started), Some(ended), false) = (seen.started_at, seen.ended_at, seen.charged)
+        {
+            let end = match seen.duration {
+                Some(duration) => started.saturating_add(i64::try_from(duration).unwrap_or(0)),
+                None => ended,
+            };
+            if let Some(tier) = seen.resource_tier.clone() {
+                match self.compute_pieces(py, account, plans, &tier, started, end) {
+                    Ok(pieces) => placed = pieces,
+                    Err(refusal) => return Ok(Err(refusal)),
+                }
+            }
+            seen.charged = true;
+        }
+        if event.kind == Kind::SessionEnded {
+            placed.extend(self.end_gpu_session(py, account, &event.subject, &session_id)?);
+        }
+        if seen != before {
+            self.compute.insert(key, seen.encode());
+        }
+        Ok(Ok(placed))
+    }
+
+    /// A compute session's time [start, end), cut where the plan or its book's version changes,
+    /// each piece at the hourly rate of the user type and resource tier then in force, charged
+    /// in the window holding the piece's last second.
+    fn compute_pieces(
+        &mut self,
+        py: Python<'_>,
+        account: u32,
+        plans: &PlanHistory,
+        tier: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<Placed>, Refusal> {
+        let mut placed = Vec::new();
+        let mut at = start;
+        while at < end {
+            let rated = self.rated_at(py, plans, at)?;
+            let next = [
+                plans.next_change_after(at),
+                rated.book.next_version_after(at),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(end, i64::min);
+            if let Some(user) = rated.plan.compute_user_type.clone() {
+                let Some(rate) = rated
+                    .version
+                    .compute_per_hour
+                    .get(&user)
+                    .and_then(|r| r.get(tier))
+                    .copied()
+                else {
+                    let detail = format!(
+                        "no compute rate for {} x {} in {}",
+                        repr(py, &user),
+                        repr(py, tier),
+                        rated.version.label
+                    );
+                    return Err(Refusal::Unpriced(detail));
+                };
+                let seconds = next - at;
+                let quantity = self.arith.wide_of_i128(i128::from(seconds));
+                let amount = self.arith.mul_wide(&rate, &quantity);
+                let meter = self.vocabulary.meter(&mut self.names, 2, tier);
+                let part = Part {
+                    meter,
+                    dims: 0,
+                    quantity: Qty::Int(i128::from(seconds)),
+                    amount,
+                    fraction: None,
+                    unit: self.vocabulary.hour,
+                    provider: None,
+                    fee_percent: None,
+                };
+                let window = self.window_start(next - 1, rated.since);
+                placed.push(self.placed(&rated, account, window, part));
+            }
+            at = next;
+        }
+        Ok(placed)
+    }
+
+    /// `session.ended` for a GPU session: it ends now, and its rounding is metered.
+    fn end_gpu_session(
+        &mut self,
+        py: Python<'_>,
+        account: u32,
+        subject: &str,
+        session_id: &str,
+    ) -> PyResult<Vec<Placed>> {
+        let key = session_key(GPU_SESSION, subject, session_id);
+        let mut session = match self.gpu.remove(&key) {
+            Some(session) => session,
+            None => match self.stored_session(py, &key)? {
+                Some(session) => session,
+                None => return Ok(Vec::new()), // no heartbeat yet: its idle end will round it
+            },
         };
-        self.sessions.insert(key, Vec::new()); // joined: the session leaves the state
-        let seconds = seen
-            .duration
-            .unwrap_or_else(|| i128::from((ended_at - started_at).max(0)));
-        let rate = seen.resource_tier.as_ref().and_then(|tier| {
-            version
-                .compute_per_hour
-                .get(user_type.as_deref().unwrap_or(""))
-                .and_then(|rates| rates.get(tier))
-        });
-        let (Some(rate), Some(tier)) = (rate.copied(), seen.resource_tier) else {
-            return Ok(Ok(None)); // no priced tier or user type: usage, not a charge
-        };
-        let quantity = self.arith.of_i128(seconds);
-        let amount = self.arith.mul(&quantity, &rate);
-        let meter = self.vocabulary.meter(&mut self.names, 2, &tier);
-        let part = Part {
-            meter,
-            dims: 0,
-            quantity: Qty::Dec(quantity),
-            amount,
-            unit: self.vocabulary.hour,
-            provider: None,
-        };
-        Ok(Ok(Some((ended_at, vec![part]))))
+        session.ended = true;
+        let owed = session.owed_rounding();
+        let before = std::mem::replace(&mut session.rounding, owed.clone());
+        let placed = self.rounding_parts(account, before.as_ref(), owed.as_ref());
+        self.gpu.insert(key.clone(), session);
+        self.gpu_dirty.insert(key);
+        Ok(placed)
     }
 }
 
-/// `agents.window.SessionSide`: [started_at, resource_tier, ended_at, duration].
-#[derive(Default)]
-struct SessionSide {
-    started_at: Option<i64>,
-    resource_tier: Option<String>,
-    ended_at: Option<i64>,
-    duration: Option<i128>,
-}
-
-impl SessionSide {
-    fn decode(raw: &[u8]) -> Option<SessionSide> {
-        let mut r = Reader::new(raw);
-        let fields = r.array()?;
-        let mut values = Vec::with_capacity(fields);
-        for _ in 0..fields {
-            values.push(r.value()?);
-        }
-        let int = |i: usize| match values.get(i) {
-            Some(Value::Int(v)) => Some(*v),
-            _ => None,
-        };
-        let tier = match values.get(1) {
-            Some(Value::Str(s)) => Some((*s).to_string()),
-            _ => None,
-        };
-        Some(SessionSide {
-            started_at: int(0).and_then(|v| i64::try_from(v).ok()),
-            resource_tier: tier,
-            ended_at: int(2).and_then(|v| i64::try_from(v).ok()),
-            duration: int(3),
-        })
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32);
-        msgpack::write_array_len(&mut out, 4);
-        let int = |out: &mut Vec<u8>, v: Option<i128>| match v {
-            Some(v) => msgpack::write_int(out, v).unwrap_or_else(|| msgpack::write_nil(out)),
-            None => msgpack::write_nil(out),
-        };
-        int(&mut out, self.started_at.map(i128::from));
-        match &self.resource_tier {
-            Some(t) => msgpack::write_str(&mut out, t),
-            None => msgpack::write_nil(&mut out),
-        }
-        int(&mut out, self.ended_at.map(i128::from));
-        int(&mut out, self.duration);
-        out
-    }
+fn conflict(py: Python<'_>, session_id: &str, end: &str) -> Refusal {
+    Refusal::SessionConflict(format!(
+        "session {} already has a different {end}",
+        repr(py, session_id)
+    ))
 }

@@ -1,22 +1,27 @@
-//! The window core's adding side: what agents/window.py's `Windows.add` did per event, compiled.
-//! An accepted event's usage goes into the tumbling window of its event time per (account,
-//! meter, dimensions); the watermark is the latest event time seen; an event for a window the
-//! watermark already closed (end + grace) within the correction horizon is an adjustment (held
-//! apart until the next close); older is `too_late`; an event its price book cannot price is
-//! `unpriced` (nothing of it is added). Amounts are computed per event exactly as
-//! `agents.rating.gpu_hourly_rate` and friends compute them, in the same decimal arithmetic
-//! (`decimal.rs`), so a window holds the very sums the Python core held. Closing and rating a
-//! window stays in Python (`Windows.close`): once per charge row, not per event.
+//! The window core's adding side: each accepted event's usage goes into the tumbling window of its
+//! event time per (account, meter, dimensions), rated by the plan and the price-book version in
+//! force at that time (docs/PRICING.md). A window never spans a change of either: its start is the
+//! later of the tumbling window's start and the moment the plan or the version took effect, so a
+//! window has one price. The watermark is the latest event time seen; an event for a window the
+//! watermark already closed (tumbling end + grace) within the correction horizon is an adjustment
+//! (held apart until the next close); older is `too_late`; an event the account's plan cannot
+//! price is `unpriced`; a compute session's second different start or end is `session_conflict`
+//! (nothing of a refused event is added). Amounts are exact (`decimal::Wide`; what one event adds
+//! is usage.rs). Closing and rating a window stays in Python (agents/window.py): once per charge
+//! row, not per event; `close` hands it the windows due and the adjustments.
+
+use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::decimal::{Arith, Dec};
-use crate::event::{read_normalized, Event, Kind};
-use crate::pricing::{Book, Version};
-use crate::state::{self, DimsTable, Key, Names, Tally, WATERMARK};
+use crate::decimal::{Arith, Wide};
+use crate::event::{read_normalized, Event};
+use crate::sessions::{GpuSession, Rounding};
+use crate::spec::{history, PlanHistory, PlanSpec};
+use crate::state::{self, DimsTable, Key, Names, Part, Qty, Tally, WATERMARK};
 use crate::time::{floor_seconds, isoformat};
 use crate::usage::Vocabulary;
 
@@ -26,6 +31,7 @@ const MICROS: i64 = 1_000_000;
 pub enum Refusal {
     TooLate(String),
     Unpriced(String),
+    SessionConflict(String),
 }
 
 impl Refusal {
@@ -33,20 +39,24 @@ impl Refusal {
         match self {
             Refusal::TooLate(_) => "too_late",
             Refusal::Unpriced(_) => "unpriced",
+            Refusal::SessionConflict(_) => "session_conflict",
         }
     }
 
     pub fn detail(&self) -> &str {
         match self {
-            Refusal::TooLate(d) | Refusal::Unpriced(d) => d,
+            Refusal::TooLate(d) | Refusal::Unpriced(d) | Refusal::SessionConflict(d) => d,
         }
     }
 }
 
-pub(crate) struct Plan {
-    pub(crate) book: usize,
-    pub(crate) api_tier: Option<String>,
-    pub(crate) compute_user_type: Option<String>,
+/// A part of an event's usage and the window it goes to, with what rated it (names interned).
+pub(crate) struct Placed {
+    pub(crate) key: Key,
+    pub(crate) part: Part,
+    pub(crate) version: u32,
+    pub(crate) book: u32,
+    pub(crate) since: i64,
 }
 
 #[pyclass(module = "tally_native")]
@@ -54,31 +64,34 @@ pub struct WindowCore {
     pub(crate) size: i64,
     pub(crate) grace: i64,
     pub(crate) horizon: i64,
+    pub(crate) idle_timeout: i64,
     pub(crate) plan_of: Py<PyAny>,
     pub(crate) read: Py<PyAny>,
-    pub(crate) book_data: Py<PyAny>,
     pub(crate) names: Names,
     pub(crate) dims: DimsTable,
     pub(crate) vocabulary: Vocabulary,
     pub(crate) open: FxHashMap<Key, Tally>,
     pub(crate) late: FxHashMap<Key, Tally>,
     pub(crate) dirty: FxHashSet<Key>,
-    /// Compute sessions one end of which this poll saw: key -> SessionSide (empty: joined).
-    pub(crate) sessions: FxHashMap<Vec<u8>, Vec<u8>>,
+    /// Compute sessions whose record this poll changed: state key -> record.
+    pub(crate) compute: FxHashMap<Vec<u8>, Vec<u8>>,
+    /// GPU sessions in memory (every one still running, and the ended ones this poll touched):
+    /// state key -> session; `gpu_dirty` lists the changed ones.
+    pub(crate) gpu: FxHashMap<Vec<u8>, GpuSession>,
+    pub(crate) gpu_dirty: FxHashSet<Vec<u8>>,
     pub(crate) watermark: i64,
     pub(crate) stored_watermark: i64,
-    /// This poll's plans (the plan directory refreshes between polls), by account id.
-    pub(crate) plans: FxHashMap<u32, Plan>,
-    pub(crate) books: Vec<(Py<PyAny>, Book)>,
+    /// Plan histories read from the plan directory, by account id, for its `generation`.
+    pub(crate) plans: FxHashMap<u32, Arc<PlanHistory>>,
+    pub(crate) plans_generation: i64,
     pub(crate) arith: Arith,
-    pub(crate) zero: Dec,
-    pub(crate) one: Dec,
+    pub(crate) zero: Wide,
     /// Interned names after the last compaction: names of windows long closed are dropped once
     /// the table has doubled (and grown by 100,000) since, so memory follows the live windows.
     pub(crate) live_names: usize,
 }
 
-/// Python's `repr()` of a string, as the dead-letter details of agents/window.py spelled names.
+/// Python's `repr()` of a string, as the dead-letter details of agents/window.py spell names.
 pub(crate) fn repr(py: Python<'_>, text: &str) -> String {
     PyString::new(py, text)
         .repr()
@@ -87,31 +100,22 @@ pub(crate) fn repr(py: Python<'_>, text: &str) -> String {
 }
 
 impl WindowCore {
-    fn plan(&mut self, py: Python<'_>, account: u32) -> PyResult<&Plan> {
-        if !self.plans.contains_key(&account) {
-            let plan = self.plan_of.bind(py).call1((self.names.get(account),))?;
-            let book = plan.getattr("book")?;
-            let index = match self.books.iter().position(|(b, _)| b.bind(py).is(&book)) {
-                Some(index) => index,
-                None => {
-                    let data = self.book_data.bind(py).call1((&book,))?;
-                    let parsed = Book::from_py(&data, &mut self.arith)?;
-                    self.books.push((book.unbind(), parsed));
-                    self.books.len() - 1
-                }
-            };
-            let api_tier: Option<String> = plan.getattr("api_tier")?.extract()?;
-            let compute_user_type: Option<String> = plan.getattr("compute_user_type")?.extract()?;
-            self.plans.insert(
-                account,
-                Plan {
-                    book: index,
-                    api_tier,
-                    compute_user_type,
-                },
-            );
+    /// The account's plan history, asked of the plan directory once per account and generation.
+    pub(crate) fn history(&mut self, py: Python<'_>, account: u32) -> PyResult<Arc<PlanHistory>> {
+        if let Some(found) = self.plans.get(&account) {
+            return Ok(found.clone());
         }
-        Ok(&self.plans[&account])
+        let entries = self.plan_of.bind(py).call1((self.names.get(account),))?;
+        let entries: Vec<PyRef<'_, PlanSpec>> = entries.extract()?;
+        let found = Arc::new(history(entries));
+        self.plans.insert(account, found.clone());
+        Ok(found)
+    }
+
+    /// The start of the window an instant falls in: the tumbling window's start, or the moment
+    /// the plan or version in force took effect, if later.
+    pub(crate) fn window_start(&self, moment: i64, since: i64) -> i64 {
+        (moment - moment.rem_euclid(self.size)).max(since)
     }
 
     /// `Windows.add`: add one accepted event's usage, or say why not (then nothing of it is
@@ -125,57 +129,14 @@ impl WindowCore {
             );
             return Ok(Err(Refusal::TooLate(detail)));
         }
-        let mut start = moment - moment.rem_euclid(self.size);
         let account = self.names.id(&event.subject);
-        let book = self.plan(py, account)?.book;
-        let Some(mut version_index) = self.version_index(book, start) else {
-            return Ok(Err(self.no_version(py, book, start)));
+        let plans = self.history(py, account)?;
+        let placed = match self.usage_of(py, event, account, &plans, moment)? {
+            Ok(placed) => placed,
+            Err(refusal) => return Ok(Err(refusal)),
         };
-        let parts = if matches!(event.kind, Kind::SessionStarted | Kind::SessionEnded) {
-            match self.join_session(py, event, account, book, version_index)? {
-                Err(refusal) => return Ok(Err(refusal)),
-                Ok(None) => Vec::new(),
-                Ok(Some((ended_at, parts))) => {
-                    // Both ends seen: the session is charged in its end's window.
-                    start = ended_at.div_euclid(self.size) * self.size;
-                    match self.version_index(book, start) {
-                        Some(index) => version_index = index,
-                        None => return Ok(Err(self.no_version(py, book, start))),
-                    }
-                    parts
-                }
-            }
-        } else {
-            match self.usage_of(py, event, account, book, version_index, start) {
-                Ok(parts) => parts,
-                Err(refusal) => return Ok(Err(refusal)),
-            }
-        };
-        let label = self.books[book].1.versions[version_index].label.clone();
-        let version = self.names.id(&label);
-        let closed_before = start + self.size + self.grace <= self.watermark;
-        for part in &parts {
-            let key = Key {
-                account,
-                meter: part.meter,
-                dims: part.dims,
-                start,
-            };
-            if let Some(tally) = self.open.get_mut(&key) {
-                tally.add(&mut self.arith, &part.quantity, &part.amount);
-                self.dirty.insert(key);
-                continue;
-            }
-            let fresh = Tally::empty(&part.quantity, part.unit, version, part.provider, self.zero);
-            if closed_before {
-                // The window was closed: an adjustment, rated with the poll's other late events.
-                let tally = self.late.entry(key).or_insert(fresh);
-                tally.add(&mut self.arith, &part.quantity, &part.amount);
-                continue;
-            }
-            let tally = self.open.entry(key).or_insert(fresh);
-            tally.add(&mut self.arith, &part.quantity, &part.amount);
-            self.dirty.insert(key);
+        for p in &placed {
+            self.put(p);
         }
         if moment > self.watermark {
             self.watermark = moment;
@@ -183,23 +144,136 @@ impl WindowCore {
         Ok(Ok(()))
     }
 
-    fn version_index(&self, book: usize, start: i64) -> Option<usize> {
-        let versions = &self.books[book].1.versions;
-        versions
+    /// Sum a part into its window: the open one, or, when the watermark closed it already, the
+    /// poll's adjustments of it (rated with the poll's other late usage as its next revision).
+    pub(crate) fn put(&mut self, placed: &Placed) {
+        let key = placed.key;
+        if let Some(tally) = self.open.get_mut(&key) {
+            tally.add(&mut self.arith, &placed.part);
+            self.dirty.insert(key);
+            return;
+        }
+        let fresh = || {
+            let zero = self.zero;
+            Tally::empty(
+                &placed.part,
+                placed.version,
+                placed.book,
+                placed.since,
+                zero,
+            )
+        };
+        let tumbling = key.start - key.start.rem_euclid(self.size);
+        if tumbling + self.size + self.grace <= self.watermark {
+            let tally = fresh();
+            let tally = self.late.entry(key).or_insert(tally);
+            tally.add(&mut self.arith, &placed.part);
+        } else {
+            let tally = fresh();
+            let tally = self.open.entry(key).or_insert(tally);
+            tally.add(&mut self.arith, &placed.part);
+            self.dirty.insert(key);
+        }
+    }
+
+    /// A GPU session's rounding as parts: the one charged before withdrawn, the one owed now
+    /// added (nothing when they are the same).
+    pub(crate) fn rounding_parts(
+        &mut self,
+        account: u32,
+        before: Option<&Rounding>,
+        now: Option<&Rounding>,
+    ) -> Vec<Placed> {
+        let same = match (before, now) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.seconds == b.seconds
+                    && a.gpu_count == b.gpu_count
+                    && a.window == b.window
+                    && self.arith.wide_cmp(&a.numerator, &b.numerator).is_eq()
+                    && self.arith.cmp(&a.denominator, &b.denominator).is_eq()
+            }
+            _ => false,
+        };
+        if same {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(2);
+        for (rounding, sign) in [(before, -1i64), (now, 1)] {
+            if let Some(r) = rounding {
+                out.push(self.rounding_part(account, r, sign));
+            }
+        }
+        out
+    }
+
+    fn rounding_part(&mut self, account: u32, r: &Rounding, sign: i64) -> Placed {
+        let w = &r.window;
+        let seconds = self.arith.wide_of_i128(i128::from(sign * r.seconds));
+        let numerator = self.arith.wide_mul(&r.numerator, &seconds);
+        let one = self.arith.of_u64(1);
+        let (amount, fraction) = if self.arith.cmp(&r.denominator, &one).is_eq() {
+            (numerator, None)
+        } else {
+            (self.zero, Some((r.denominator, numerator)))
+        };
+        let (model, provider) = (self.names.id(&w.model), self.names.id(&w.provider));
+        let v = &self.vocabulary;
+        let dims = self
+            .dims
+            .id(&[(v.gpu_model, model), (v.provider_id, provider)]);
+        let part = Part {
+            meter: v.gpu,
+            dims,
+            quantity: Qty::Int(i128::from(sign * r.seconds * r.gpu_count)),
+            amount,
+            fraction,
+            unit: v.gpu_hour,
+            provider: Some(provider),
+            fee_percent: w.fee_percent,
+        };
+        Placed {
+            key: Key {
+                account,
+                meter: part.meter,
+                dims,
+                start: w.start,
+            },
+            part,
+            version: self.names.id(&w.version),
+            book: self.names.id(&w.book),
+            since: w.since,
+        }
+    }
+
+    /// End every running GPU session without a heartbeat for the idle timeout (by the
+    /// watermark) and meter its rounding.
+    fn end_idle_sessions(&mut self) {
+        let due: Vec<Vec<u8>> = self
+            .gpu
             .iter()
-            .rposition(|v| v.effective_from_us <= start * MICROS)
-    }
-
-    fn no_version(&self, py: Python<'_>, book: usize, start: i64) -> Refusal {
-        let name = repr(py, &self.books[book].1.name);
-        Refusal::Unpriced(format!(
-            "price book {name} has no version in force at {}",
-            isoformat(start * MICROS)
-        ))
-    }
-
-    pub(crate) fn version(&self, book: usize, index: usize) -> &Version {
-        &self.books[book].1.versions[index]
+            .filter(|(_, s)| {
+                !s.ended
+                    && s.last_us.div_euclid(MICROS) + s.last_interval + self.idle_timeout
+                        <= self.watermark
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(account) = session_account(&key) else {
+                continue;
+            };
+            let account = self.names.id(&account);
+            let session = self.gpu.get_mut(&key).expect("listed above");
+            session.ended = true;
+            let owed = session.owed_rounding();
+            let before = std::mem::replace(&mut session.rounding, owed.clone());
+            let placed = self.rounding_parts(account, before.as_ref(), owed.as_ref());
+            for p in &placed {
+                self.put(p);
+            }
+            self.gpu_dirty.insert(key);
+        }
     }
 }
 
@@ -207,18 +281,21 @@ type Entries = Vec<(Py<PyBytes>, Py<PyBytes>)>;
 
 #[pymethods]
 impl WindowCore {
-    /// `open_windows`: the store's `\x00o` entries, raw; `book_data(book)`: agents.window's
-    /// `native_book` (what this core reads of a price book).
+    /// `plan_of(account)`: the account's plan history (`PlanSpec`s, agents/window.py's
+    /// `native_plans`); `open_windows` and `gpu_sessions`: the store's `\x00o` and `\x00g`
+    /// entries, raw (only running GPU sessions are kept in memory).
     #[new]
+    #[pyo3(signature = (*, size, grace, horizon, idle_timeout, plan_of, read, open_windows, gpu_sessions, watermark))]
     #[allow(clippy::too_many_arguments)] // the window config and the shell's collaborators
     fn new(
         size: i64,
         grace: i64,
         horizon: i64,
+        idle_timeout: i64,
         plan_of: Py<PyAny>,
         read: Py<PyAny>,
-        book_data: Py<PyAny>,
         open_windows: Vec<(Vec<u8>, Vec<u8>)>,
+        gpu_sessions: Vec<(Vec<u8>, Vec<u8>)>,
         watermark: i64,
     ) -> PyResult<Self> {
         if size <= 0 {
@@ -237,37 +314,48 @@ impl WindowCore {
                 state::decode_tally(&mut names, &mut arith, &value).ok_or_else(bad)?,
             );
         }
-        let zero = arith.of_u64(0);
-        let one = arith.of_u64(1);
+        let mut gpu = FxHashMap::default();
+        for (key, value) in gpu_sessions {
+            let session = GpuSession::decode(&value, &mut arith)
+                .ok_or_else(|| PyValueError::new_err("unreadable GPU session in the store"))?;
+            if !session.ended {
+                gpu.insert(key, session);
+            }
+        }
+        let zero = arith.wide_of_i128(0);
         Ok(WindowCore {
             size,
             grace,
             horizon,
+            idle_timeout,
             plan_of,
             read,
-            book_data,
             names,
             dims,
             vocabulary,
             open,
             late: FxHashMap::default(),
             dirty: FxHashSet::default(),
-            sessions: FxHashMap::default(),
+            compute: FxHashMap::default(),
+            gpu,
+            gpu_dirty: FxHashSet::default(),
             watermark,
             stored_watermark: watermark,
             plans: FxHashMap::default(),
-            books: Vec::new(),
+            plans_generation: -1,
             arith,
             zero,
-            one,
             live_names: 0,
         })
     }
 
-    /// Forget the plans read so far (the plan directory may have changed since the last poll),
-    /// and the interned names no window holds any more, when they have piled up.
-    pub fn begin_poll(&mut self) {
-        self.plans.clear();
+    /// Start a poll: forget the plan histories read when the plan directory has changed since
+    /// (`generation`), and the interned names no window holds any more, when they have piled up.
+    pub fn begin_poll(&mut self, generation: i64) {
+        if generation != self.plans_generation {
+            self.plans.clear();
+            self.plans_generation = generation;
+        }
         if self.names.len() > 2 * self.live_names + 100_000 {
             self.compact();
         }
@@ -298,24 +386,33 @@ impl WindowCore {
         self.open.len()
     }
 
+    /// How many GPU sessions are running (metered, not ended yet).
+    #[getter]
+    fn running_sessions(&self) -> usize {
+        self.gpu.values().filter(|s| !s.ended).count()
+    }
+
     /// How many names (accounts, meters, dimensions, units, labels) the core holds interned.
     #[getter]
     fn interned(&self) -> usize {
         self.names.len()
     }
 
-    /// The windows the watermark closed (`wall_clock`, when given, advances it first) and the
-    /// adjustments, each sorted as Python sorts window keys: ([(open key, tally)], [...]).
-    /// Closed windows leave the open set; their deletion is the caller's change to write.
+    /// The windows the watermark closed (`wall_clock`, when given, advances it first; GPU
+    /// sessions idle for the timeout end before) and the adjustments, each sorted as Python
+    /// sorts window keys: ([(open key, tally)], [...]). Closed windows leave the open set; their
+    /// deletion is the caller's change to write.
     fn close(&mut self, py: Python<'_>, wall_clock: Option<i64>) -> PyResult<(Entries, Entries)> {
         if let Some(clock) = wall_clock {
             self.watermark = self.watermark.max(clock);
         }
-        let reach = self.size + self.grace;
+        self.end_idle_sessions();
+        let (size, reach) = (self.size, self.size + self.grace);
+        let watermark = self.watermark;
         let mut closing: Vec<Key> = self
             .open
             .keys()
-            .filter(|k| k.start + reach <= self.watermark)
+            .filter(|k| k.start - k.start.rem_euclid(size) + reach <= watermark)
             .copied()
             .collect();
         closing.sort_by(|a, b| state::python_order(&self.names, &self.dims, a, b));
@@ -335,25 +432,27 @@ impl WindowCore {
     }
 
     /// The state changes since the last call besides closing: open windows that changed,
-    /// compute sessions' ends, the watermark.
+    /// sessions, the watermark.
     fn changes(&mut self, py: Python<'_>) -> PyResult<Entries> {
-        let mut out = Vec::with_capacity(self.dirty.len() + self.sessions.len() + 1);
+        let bytes = |data: &[u8]| PyBytes::new(py, data).unbind();
+        let mut out = Vec::with_capacity(self.dirty.len() + self.compute.len() + 1);
         for key in std::mem::take(&mut self.dirty) {
             let tally = self.open[&key].clone();
             out.push(self.entry(py, &key, &tally)?);
         }
-        for (key, value) in self.sessions.drain() {
-            out.push((
-                PyBytes::new(py, &key).unbind(),
-                PyBytes::new(py, &value).unbind(),
-            ));
+        for (key, value) in self.compute.drain() {
+            out.push((bytes(&key), bytes(&value)));
+        }
+        for key in std::mem::take(&mut self.gpu_dirty) {
+            let session = &self.gpu[&key];
+            out.push((bytes(&key), bytes(&session.encode())));
+            if session.ended {
+                self.gpu.remove(&key); // in the store from now on; read back if it runs on
+            }
         }
         if self.watermark != self.stored_watermark {
             let text = self.watermark.to_string();
-            out.push((
-                PyBytes::new(py, WATERMARK).unbind(),
-                PyBytes::new(py, text.as_bytes()).unbind(),
-            ));
+            out.push((bytes(WATERMARK), bytes(text.as_bytes())));
             self.stored_watermark = self.watermark;
         }
         Ok(out)
@@ -411,6 +510,7 @@ impl WindowCore {
             tally.unit = names.id(old_names.get(tally.unit));
             tally.version = names.id(old_names.get(tally.version));
             tally.provider = tally.provider.map(|p| names.id(old_names.get(p)));
+            tally.book = tally.book.map(|b| names.id(old_names.get(b)));
         };
         let (mut open, mut late) = (open, late);
         open.values_mut()
@@ -421,7 +521,7 @@ impl WindowCore {
         self.live_names = self.names.len();
     }
 
-    fn entry(
+    pub(crate) fn entry(
         &self,
         py: Python<'_>,
         key: &Key,
@@ -435,4 +535,11 @@ impl WindowCore {
             PyBytes::new(py, &value).unbind(),
         ))
     }
+}
+
+/// The account of a session's state key (`\x00g` or `\x00s` + msgpack [account, session id]).
+fn session_account(key: &[u8]) -> Option<String> {
+    let mut r = crate::msgpack::Reader::new(key.get(state::GPU_SESSION.len()..)?);
+    (r.array()? == 2).then_some(())?;
+    r.str().map(str::to_string)
 }

@@ -13,8 +13,7 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from agents.ingest import ingest_core
 from agents.meter import MeterTask
-from agents.window import AccountPlan
-from pipeline.plans import FixedPlans
+from agents.plans import AccountPlan, FixedPlans, PlanHistory
 from pipeline.settings import REPO_ROOT, Settings, load_settings
 from pipeline.transactional import Outcome, Outgoing
 from schemas.events import batch_splitter
@@ -31,14 +30,14 @@ class MeterRun:
         self,
         data_dir: Path,
         partition: int = 0,
-        plans: dict[str, AccountPlan] | None = None,
+        plans: dict[str, PlanHistory] | None = None,
         store: MemoryStore | None = None,
         **settings: Any,
     ) -> None:
         self.settings: Settings = load_settings(data_dir=data_dir, **{"partitions": 1, **settings})
         self.partition = partition
         self.store = store or MemoryStore()
-        self.plans = FixedPlans(AccountPlan(BOOK), plans)
+        self.plans = FixedPlans(AccountPlan(BOOK), plans or {})
         self.offset = 0
         self.changelog_offset = 0
         self.outcomes: list[Outcome] = []

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agents.ingest import MAX_QUANTITY, IngestCore, IngestPolicy, Partitioner, epoch_micros
-from agents.window import AccountPlan, WindowConfig, Windows
+from agents.plans import AccountPlan, FixedPlans
+from agents.window import Stored, WindowConfig, Windows
 from pipeline.loadgen import Expected, LoadPlan, generate
 from schemas.events import EVENT_CLASSES, cut_by_size, encode_batch
 from tests.unit.meter_in_memory import BOOK
@@ -44,7 +45,7 @@ def native(
     policy: IngestPolicy = POLICY, partition: int = 0, batch_bytes: int = 512 * 1024
 ) -> tally_native.MeterCore:
     nothing: dict[bytes, bytes] = {}
-    windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), nothing.get, [], 0)
+    windows = Windows(WindowConfig(), FixedPlans(AccountPlan(BOOK)), nothing.get, Stored.nothing())
     core = tally_native.MeterCore(
         windows.core,
         partition,
@@ -58,7 +59,7 @@ def native(
         nothing.get,
         lambda keys: [None for _ in keys],
     )
-    core.begin(epoch_micros(NOW - policy.horizon), epoch_micros(NOW + policy.future_tolerance))
+    core.begin(epoch_micros(NOW - policy.horizon), epoch_micros(NOW + policy.future_tolerance), 0)
     return core
 
 
