@@ -250,8 +250,9 @@ class Windows:
 
     def add(self, event: UsageEvent) -> None:
         """Add one accepted event's usage; raises ``TooLateError``, ``UnpricedError`` or
-        ``SessionConflictError`` (then nothing of the event is added). The meter adds events inside the native core without
-        this call (``tally_native.MeterCore``); this is the same core's entry for a decoded event."""
+        ``SessionConflictError`` (then nothing of the event is added). The meter adds events
+        inside the native core without this call (``tally_native.MeterCore``); this is the same
+        core's entry for a decoded event."""
         refusal = self.core.add(encoder.encode(event))
         if refusal is not None:
             reason, detail = refusal

@@ -33,7 +33,8 @@ import msgspec
 import psycopg
 from sqlalchemy import create_engine
 
-from agents.window import AccountPlan, WindowConfig, Windows
+from agents.plans import AccountPlan, FixedPlans
+from agents.window import Stored, WindowConfig, Windows
 from bench.ingest import bare_consumer, clean_stream, machine, replace_table, run_benches
 from pipeline.loadgen import Expected, Message, account_ids, default_now, generate, publish
 from pipeline.oracle import USER_TYPES, store_plans, tier_plans
@@ -87,12 +88,11 @@ def expected_rows(messages: list[Message], plans: dict[str, str | None]) -> int:
     """Charge rows the data's windows make: every window, fee and compute session the pipeline's
     own window core rates when all of them close (the data ascends in time: no adjustments)."""
     book = load_price_book(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml")
-    account_plans = {
-        account: AccountPlan(book, tier, USER_TYPES[tier]) if tier else AccountPlan(book)
-        for account, tier in plans.items()
-    }
+    directory = FixedPlans(AccountPlan(book))
+    for account, tier in plans.items():
+        directory.set(account, AccountPlan(book, tier, USER_TYPES[tier]) if tier else AccountPlan(book))
     nothing_stored: dict[bytes, bytes] = {}
-    windows = Windows(WindowConfig(), account_plans.__getitem__, nothing_stored.get, [], 0)
+    windows = Windows(WindowConfig(), directory, nothing_stored.get, Stored.nothing())
     for message in messages:
         for raw in batch_splitter.decode(message.value) if message.value[:1] == b"[" else [message.value]:
             windows.add(event_decoder.decode(raw))

@@ -63,6 +63,7 @@ class BadKind(StrEnum):
     OVERSIZED_EVENT = "oversized_event"
     OVERSIZED_MESSAGE = "oversized_message"
     ID_CONFLICT = "id_conflict"
+    SESSION_CONFLICT = "session_conflict"
     UNKNOWN_ACCOUNT = "unknown_account"
     UNPRICED = "unpriced"
 
@@ -86,6 +87,7 @@ REASON_OF: dict[BadKind, Reason] = {
     BadKind.OVERSIZED_EVENT: Reason.OVERSIZED,
     BadKind.OVERSIZED_MESSAGE: Reason.OVERSIZED,
     BadKind.ID_CONFLICT: Reason.ID_CONFLICT,
+    BadKind.SESSION_CONFLICT: Reason.SESSION_CONFLICT,
     BadKind.UNKNOWN_ACCOUNT: Reason.UNKNOWN_ACCOUNT,
     BadKind.UNPRICED: Reason.UNPRICED,
 }
@@ -310,7 +312,10 @@ class _Generator:
         return msgspec.json.encode(copy)
 
     def _bad(self, kind: BadKind) -> Iterator[Message]:
-        if kind is BadKind.ID_CONFLICT and not self.reusable:
+        starts = [e for e in self.reusable if e["type"] == "session.started.v1"]
+        if (kind is BadKind.ID_CONFLICT and not self.reusable) or (
+            kind is BadKind.SESSION_CONFLICT and not starts
+        ):
             kind = BadKind.WRONG_TYPE  # nothing to conflict with yet
         self.expected.rejected[REASON_OF[kind].value] += 1
         if kind in WHOLE_MESSAGE_KINDS:
@@ -319,6 +324,13 @@ class _Generator:
         if kind is BadKind.ID_CONFLICT:
             original = self.rng.choice(self.reusable)
             event = {**self._good(original["subject"]), "id": original["id"], "source": original["source"]}
+        elif kind is BadKind.SESSION_CONFLICT:
+            # A second start of a session already started (sent keyed, so after the first): a new
+            # identity, another start time.
+            original = self.rng.choice(starts)
+            self.serial += 1
+            moved = datetime.fromisoformat(original["time"]) + timedelta(minutes=1)
+            event = {**original, "id": f"{self.plan.run_id}-{self.serial:09d}", "time": moved.isoformat()}
         else:
             event = self._good()
         account = event["subject"]  # the message key: taken before spoiling may change the subject
@@ -381,8 +393,8 @@ class _Generator:
                     "gpu.usage.v1",
                     _heartbeat("quantum_q1", vram_allocated_gb="80"),
                 )
-            case BadKind.ID_CONFLICT:
-                pass  # already a different payload under a seen identity
+            case BadKind.ID_CONFLICT | BadKind.SESSION_CONFLICT:
+                pass  # already a different payload under a seen identity, or session start
             case _:  # pragma: no cover - whole-message kinds never reach here
                 raise AssertionError(kind)
 

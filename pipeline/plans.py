@@ -2,7 +2,7 @@
 
 The meter reads ``history_of(account)`` once per account whenever ``generation`` changes, so the
 answer is a dict lookup; the directory is re-read from Postgres every ``plans_refresh`` (30 s by
-default), and a price-book file whose modification time or size changed is loaded again. When
+default), and a price-book file whose content changed is loaded again. When
 Postgres cannot be reached the meter keeps rating with the plans it has (a stale plan is better
 than a stalled meter; a plan change takes effect for usage rated after the next successful read,
 at the change's own effective time, so usage before it keeps its old plan).
@@ -14,6 +14,7 @@ an invalid one keeps its last valid content (logged), so an operator's typo does
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 
 from agents.plans import AccountPlan, PlanHistory, epoch_seconds
 from pipeline.settings import Settings
-from schemas.pricebook import PriceBook, PriceBookError, load_price_book
+from schemas.pricebook import PriceBook, PriceBookError, parse_price_book
 from sinks.postgres import PlanRow, plan_histories, sqlalchemy_url
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _Loaded:
     book: PriceBook | None
-    stamp: tuple[int, int] | None  # the file's (mtime ns, size) when read; None: no file
+    stamp: bytes | None  # a digest of the file's content when read; None: no file
     problem: str | None
 
 
@@ -63,16 +64,16 @@ class PlanDirectory:
         path = self._path(name)
         previous = self._books.get(name)
         try:
-            stat = path.stat()
+            content = path.read_bytes()
         except OSError as exc:
             loaded = _Loaded(None, None, f"price book {name!r} cannot be read ({exc.strerror})")
         else:
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            stamp = hashlib.blake2b(content, digest_size=16).digest()
             if previous is not None and previous.stamp == stamp:
                 return previous
             try:
-                loaded = _Loaded(load_price_book(path), stamp, None)
-            except (OSError, PriceBookError) as exc:
+                loaded = _Loaded(parse_price_book(content.decode("utf-8"), str(path)), stamp, None)
+            except (UnicodeDecodeError, PriceBookError) as exc:
                 if previous is not None and previous.book is not None:
                     log.error(
                         "meter: price book %r is invalid now; keeping its last valid content: %s", name, exc

@@ -34,7 +34,6 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import insert
@@ -112,8 +111,8 @@ _INCOMING = text("CREATE TEMP TABLE incoming (LIKE charges INCLUDING DEFAULTS) O
 # Steps 2-4 of the module docstring as one set-based statement over the COPYed batch: every row of
 # ``new`` is a charge this call stored first; its entries are the customer's debit and the credits
 # that balance it (provider earnings and platform fee for a provider's charge, else the platform),
-# each side reversed for a negative amount; zero amounts make no entry. Balances are upserted in ledger-account order, so two writers lock
-# rows in the same order and cannot deadlock.
+# each side reversed for a negative amount; zero amounts make no entry. Balances are upserted in
+# ledger-account order, so two writers lock rows in the same order and cannot deadlock.
 _STORE = text(f"""
 WITH new AS (
     INSERT INTO charges ({", ".join(CHARGE_COLUMNS)})
@@ -252,7 +251,9 @@ def change_plan(engine: Engine, account: str, plan: str | None, effective_from: 
             {
                 "actor": actor,
                 "account": account,
-                "details": _json.encode({"plan": plan, "effective_from": effective_from.isoformat()}).decode(),
+                "details": _json.encode(
+                    {"plan": plan, "effective_from": effective_from.isoformat()}
+                ).decode(),
             },
         )
 

@@ -1,16 +1,20 @@
-"""Price books chosen per account plan, from Postgres plans and book files (real Postgres)."""
+"""Plan histories from Postgres and price books from files (real Postgres): each account rated by
+the plan in force at each moment, books reloaded when their file changes, a missing book unpriced."""
 
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine
+import pytest
+from sqlalchemy import create_engine, text
 
+from agents.plans import epoch_seconds
 from pipeline.plans import PlanDirectory
 from pipeline.settings import REPO_ROOT, load_settings
 from pipeline.testing import isolated_database
-from sinks.postgres import sqlalchemy_url, upsert_accounts, upsert_plans
+from sinks.postgres import change_plan, sqlalchemy_url, upsert_accounts, upsert_plans
 
 PREMIUM = """
 name: premium
@@ -20,9 +24,10 @@ versions:
     api_tiers:
       gold: {monthly_fee: "500", included_requests: 1000000, overage_per_request: "0.001"}
 """
+NOON = datetime(2026, 11, 24, 12, tzinfo=UTC)
 
 
-def test_each_account_is_rated_with_its_plans_book_and_tier(tmp_path: Path) -> None:
+def test_each_account_is_rated_by_the_plan_in_force_at_each_moment(tmp_path: Path) -> None:
     books = tmp_path / "books"
     books.mkdir()
     shutil.copy(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml", books / "default.yaml")
@@ -40,18 +45,65 @@ def test_each_account_is_rated_with_its_plans_book_and_tier(tmp_path: Path) -> N
         upsert_accounts(engine, [("acct-gold", "gold"), ("acct-start", "startup"), ("acct-none", None)])
         plans = PlanDirectory(settings, engine)
         plans.refresh(force=True)
+        at = epoch_seconds(NOON)
         gold, start, none, unknown = (
-            plans.plan_of(a) for a in ("acct-gold", "acct-start", "acct-none", "acct-unknown")
+            plans.history_of(a).at(at) for a in ("acct-gold", "acct-start", "acct-none", "acct-unknown")
         )
-        assert (gold.book.name, gold.api_tier) == ("premium", "gold")
-        assert (start.book.name, start.api_tier) == ("default", "startup")
+        assert gold.book is not None and (gold.book.name, gold.api_tier) == ("premium", "gold")
+        assert start.book is not None and (start.book.name, start.api_tier) == ("default", "startup")
         # No plan, or not in Postgres at all: the default book, no API tier.
-        assert (none.book.name, none.api_tier) == (unknown.book.name, unknown.api_tier) == ("default", None)
+        assert none == unknown == plans.default
 
-        # A plan change reaches the meter at the next refresh.
-        upsert_accounts(engine, [("acct-start", "gold")])
-        assert plans.plan_of("acct-start").book.name == "default"  # not refreshed yet (30 s)
+        # A plan change from noon on: the history has both, each from its time; the meter
+        # sees it (a new generation) at the next refresh.
+        generation = plans.generation
+        change_plan(engine, "acct-start", "gold", NOON, actor="test")
+        assert plans.history_of("acct-start").at(at).api_tier == "startup"  # not refreshed yet
         plans.refresh(force=True)
-        assert plans.plan_of("acct-start").book.name == "premium"
+        assert plans.generation == generation + 1
+        history = plans.history_of("acct-start")
+        assert history.at(at - 1).api_tier == "startup" and history.at(at).api_tier == "gold"
+        plans.refresh(force=True)
+        assert plans.generation == generation + 1  # nothing changed: the meter keeps its plans
+        with engine.connect() as db:
+            audit = db.execute(text("SELECT actor, action, subject FROM audit_log")).one()
+        assert tuple(audit) == ("test", "plan_change", "acct-start")
+        with pytest.raises(Exception, match="effective_from"):
+            change_plan(engine, "acct-start", "gold", NOON.replace(microsecond=5), actor="test")
+    finally:
+        engine.dispose()
+
+
+def test_a_changed_book_is_reloaded_and_a_removed_one_prices_nothing(tmp_path: Path) -> None:
+    books = tmp_path / "books"
+    books.mkdir()
+    shutil.copy(REPO_ROOT / "schemas" / "pricebooks" / "default.yaml", books / "default.yaml")
+    premium = books / "premium.yaml"
+    premium.write_text(PREMIUM, encoding="utf-8")
+    settings = isolated_database(load_settings(data_dir=tmp_path, price_books_dir=books))
+    engine = create_engine(sqlalchemy_url(settings))
+    try:
+        upsert_plans(engine, [{"name": "gold", "price_book": "premium", "api_tier": "gold"}])
+        upsert_accounts(engine, [("acct-gold", "gold")])
+        plans = PlanDirectory(settings, engine)
+        plans.refresh(force=True)
+        plan = plans.history_of("acct-gold").at(0)
+        assert plan.book is not None and plan.book.versions[0].gpu is not None
+
+        premium.write_text(PREMIUM.replace('"6.00"', '"7.00"'), encoding="utf-8")
+        plans.refresh(force=True)
+        plan = plans.history_of("acct-gold").at(0)
+        assert plan.book is not None and plan.book.versions[0].gpu is not None
+        assert plan.book.versions[0].gpu.base_rate_per_hour["h100"] == 7
+
+        premium.write_text("name: premium\nversions: []\n", encoding="utf-8")  # an operator's typo
+        plans.refresh(force=True)
+        plan = plans.history_of("acct-gold").at(0)
+        assert plan.book is not None and plan.book.versions[0].gpu is not None  # the last valid one
+
+        premium.unlink()
+        plans.refresh(force=True)
+        plan = plans.history_of("acct-gold").at(0)
+        assert plan.book is None and plan.unpriced is not None and "premium" in plan.unpriced
     finally:
         engine.dispose()

@@ -16,6 +16,7 @@ from agents.meter import MeterTask
 from agents.plans import AccountPlan, FixedPlans, PlanHistory
 from pipeline.settings import REPO_ROOT, Settings, load_settings
 from pipeline.transactional import Outcome, Outgoing
+from schemas.charges import Charge, charges_decoder
 from schemas.events import batch_splitter
 from schemas.pricebook import load_price_book
 from sinks.statestore import MemoryStore
@@ -32,12 +33,13 @@ class MeterRun:
         partition: int = 0,
         plans: dict[str, PlanHistory] | None = None,
         store: MemoryStore | None = None,
+        default: AccountPlan | None = None,
         **settings: Any,
     ) -> None:
         self.settings: Settings = load_settings(data_dir=data_dir, **{"partitions": 1, **settings})
         self.partition = partition
         self.store = store or MemoryStore()
-        self.plans = FixedPlans(AccountPlan(BOOK), plans or {})
+        self.plans = FixedPlans(default or AccountPlan(BOOK), plans or {})
         self.offset = 0
         self.changelog_offset = 0
         self.outcomes: list[Outcome] = []
@@ -72,6 +74,18 @@ class MeterRun:
             metadata.append(RecordMetadata(message.topic, self.partition, tp, self.changelog_offset, 0, 0, 0))
         self.task.committed(outcome, metadata)
         self.outcomes.append(outcome)
+
+    def finish(self, now: datetime, wall_clock: datetime) -> list[Charge]:
+        """Close every window and end every session by the wall clock, as an idle partition's
+        tick does, and commit; return the charges made."""
+        closed = self.task.windows.close(now, wall_clock=int(wall_clock.timestamp()))
+        self.changelog_offset += 1
+        self.store.apply(closed.changes.items(), self.changelog_offset)
+        return closed.charges
+
+    def charges(self) -> list[Charge]:
+        """Every charge the polls sent to the charges topic."""
+        return [c for m in self.sent(self.settings.topic_charges) for c in charges_decoder.decode(m.value)]
 
     def sent(self, topic: str, outcome: Outcome | None = None) -> list[Outgoing]:
         outcomes = [outcome] if outcome is not None else self.outcomes

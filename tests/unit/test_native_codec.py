@@ -1,11 +1,13 @@
 """The native core's arithmetic, time, hashes and state encodings against their Python twins:
 decimal (Python's default context), msgspec's datetime and msgpack encodings, aiokafka's
-murmur2, xxhash's xxh3-128, agents.rating's GPU, storage and compute prices."""
+murmur2, xxhash's xxh3-128; and its GPU, storage and compute amounts against the rule in exact
+fractions."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import msgspec
@@ -15,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.dedupe import decode_marks, encode_marks
-from agents.rating import billable_seconds, gpu_hourly_rate
-from agents.window import OPEN, AccountPlan, Tally, WindowConfig, Windows, decode_key, state_key
+from agents.plans import AccountPlan, FixedPlans
+from agents.window import OPEN, Stored, Tally, WindowConfig, Windows, decode_key, state_key
 from pipeline.loadgen import Expected, LoadPlan, generate
 from schemas.events import encoder, event_decoder, fingerprint
 from schemas.pricebook import parse_price_book
@@ -131,33 +133,34 @@ heartbeats = st.fixed_dictionaries(
 )
 
 
+def windows_of(plan: AccountPlan, stored: Stored | None = None) -> Windows:
+    return Windows(WindowConfig(), FixedPlans(plan), NOTHING_STORED.get, stored or Stored.nothing())
+
+
 @settings(max_examples=1_000, deadline=None)
 @given(heartbeats)
-def test_a_gpu_heartbeat_costs_what_agents_rating_says(heartbeat: dict[str, Any]) -> None:
-    """Fractional VRAM (divisions at 28 digits), power, a demand step, a provider's minimum and a
-    45 s billing step: the window holds exactly the Decimal sum agents.rating computes."""
+def test_a_gpu_heartbeat_costs_exactly_what_the_rule_says(heartbeat: dict[str, Any]) -> None:
+    """Fractional VRAM (a share such as 10/24, never divided in the window), power, a demand step,
+    a provider's minimum: the window holds exactly rate x GPUs x seconds, per second."""
     heartbeat["vram_allocated_gb"] = str(Decimal(heartbeat["vram_total_gb"]) / heartbeat["vram_allocated_gb"])
-    windows = Windows(WindowConfig(), lambda _: AccountPlan(BOOK), NOTHING_STORED.get, [], 0)
+    windows = windows_of(AccountPlan(BOOK))
     windows.add(event_decoder.decode(gpu_event(heartbeat)))
     [tally] = windows.open.values()
     rates = BOOK.versions[0].gpu
     assert rates is not None
     model = heartbeat["gpu_model"]
-    hourly = gpu_hourly_rate(
-        rates,
-        model,
-        Decimal(heartbeat["vram_total_gb"]),
-        Decimal(heartbeat["vram_allocated_gb"]),
-        Decimal(heartbeat["power_watts"]),
-        rates.demand_at(T.replace(second=0), model),
-        rates.provider_minimum_per_hour.get(heartbeat["provider_id"]),
-    )
-    seconds = Decimal(billable_seconds(heartbeat["interval_seconds"], rates) * heartbeat["gpu_count"])
-    # An empty window starts at Decimal(0): the sums' representation (exponent) is Python's too.
-    assert (str(tally.quantity), str(tally.amount)) == (
-        str(Decimal(0) + seconds),
-        str(Decimal(0) + seconds * hourly),
-    )
+    total, allocated = Fraction(heartbeat["vram_total_gb"]), Fraction(Decimal(heartbeat["vram_allocated_gb"]))
+    share = allocated / total if total else Fraction(1)
+    hourly = Fraction(rates.base_rate_per_hour[model]) * share + Fraction(
+        Decimal(heartbeat["power_watts"])
+    ) * Fraction(rates.power_rate_per_watt_hour)
+    hourly *= Fraction(rates.demand_at(T, model))
+    floor = rates.provider_minimum_per_hour.get(heartbeat["provider_id"])
+    if floor and Fraction(floor) > hourly:
+        hourly = Fraction(floor)
+    seconds = heartbeat["interval_seconds"] * heartbeat["gpu_count"]
+    assert tally.quantity == seconds  # exact seconds: rounding up is the session's, at its end
+    assert tally.exact() == hourly * seconds
 
 
 def add(windows: Windows, serial: int, kind: str, data: dict[str, Any]) -> None:
@@ -168,16 +171,15 @@ def add(windows: Windows, serial: int, kind: str, data: dict[str, Any]) -> None:
 
 
 def test_storage_and_compute_cost_what_the_book_says() -> None:
-    plan = AccountPlan(BOOK, None, "pro")
-    windows = Windows(WindowConfig(), lambda _: plan, NOTHING_STORED.get, [], 0)
+    windows = windows_of(AccountPlan(BOOK, None, "pro"))
     held = {"storage_kind": "bucket", "resource_id": "r", "gb": "1234.5678901", "duration_seconds": 3599}
     add(windows, 1, "storage.usage.v1", held)
     add(windows, 2, "session.started.v1", {"session_id": "c", "resource_tier": "gpu"})
     add(windows, 3, "session.ended.v1", {"session_id": "c", "duration_seconds": 7_321})
     tallies = {key[1]: tally for key, tally in windows.open.items()}
-    gb_seconds = Decimal("1234.5678901") * 3599
-    assert str(tallies["storage:bucket"].amount) == str(Decimal(0) + gb_seconds * Decimal("0.0234567"))
-    assert str(tallies["compute:gpu"].amount) == str(Decimal(0) + Decimal(7_321) * Decimal("0.3333333"))
+    gb_seconds = Fraction(Decimal("1234.5678901")) * 3599
+    assert tallies["storage:bucket"].exact() == gb_seconds * Fraction(Decimal("0.0234567"))
+    assert tallies["compute:gpu"].exact() == 7_321 * Fraction(Decimal("0.3333333"))
 
 
 def test_window_state_is_msgspecs_encoding_byte_for_byte() -> None:
@@ -186,9 +188,7 @@ def test_window_state_is_msgspecs_encoding_byte_for_byte() -> None:
     plan = LoadPlan(
         2_000, accounts=30, bad_fraction=0, duplicate_fraction=0, ordered_time=True, time_span_s=120
     )
-    windows = Windows(
-        WindowConfig(), lambda _: AccountPlan(DEFAULT_BOOK, "growth", "pro"), NOTHING_STORED.get, [], 0
-    )
+    windows = windows_of(AccountPlan(DEFAULT_BOOK, "growth", "pro"))
     for message in generate(plan, datetime(2026, 11, 24, 12, tzinfo=UTC), Expected()):
         assert windows.core.add(encoder.encode(event_decoder.decode(message.value))) is None
     entries = windows.core.open_windows()
@@ -200,9 +200,7 @@ def test_window_state_is_msgspecs_encoding_byte_for_byte() -> None:
         tally = _tally.decode(value)
         assert _codec.encode(tally) == value
     # A restart reads them back as they were.
-    again = Windows(
-        WindowConfig(), lambda _: AccountPlan(BOOK), NOTHING_STORED.get, entries, windows.watermark
-    )
+    again = windows_of(AccountPlan(BOOK), Stored(entries, [], windows.watermark))
     assert sorted(again.core.open_windows()) == sorted(entries)
 
 

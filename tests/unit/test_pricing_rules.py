@@ -16,7 +16,7 @@ from agents.plans import AccountPlan
 from agents.rating import base_units
 from agents.window import SessionConflictError, UnpricedError
 from schemas.charges import charges_decoder, charges_encoder
-from schemas.events import event_decoder
+from schemas.events import UsageEvent, event_decoder
 from tests.unit.windows_support import T0, Partition, book, event, history
 
 RULES = book("""
@@ -65,7 +65,7 @@ def plan(tier: str | None = None, user_type: str | None = None) -> AccountPlan:
     return AccountPlan(RULES, tier, user_type)
 
 
-def full_card(at: datetime, serial: int, session: str = "s", seconds: int = 60, **data: object) -> object:
+def full_card(at: datetime, serial: int, session: str = "s", seconds: int = 60, **data: object) -> UsageEvent:
     """A whole rtx_4090 (24 of 24 GB) drawing no power: its base rate, per hour."""
     return event(
         "gpu.usage.v1",

@@ -1,29 +1,27 @@
-"""Rating core: the seeds' cases, the pricing models, and properties of money (issue 4)."""
+"""Rating: the pricing models, the default book's worked examples, period arithmetic, price books."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.rating import (
-    ChargeLine,
-    price,
-    rate_api_fee,
-    rate_api_requests,
-    rate_compute,
-    rate_gpu,
-    rate_one_time,
-    rate_product,
-    rate_storage,
-    split_platform_fee,
-    to_base_units,
+from agents.plans import AccountPlan
+from agents.rating import LinearPeriod, Segment, SegmentedPeriod, base_units, overage, price
+from schemas.pricebook import (
+    ApiTier,
+    PriceBookError,
+    Product,
+    Volume,
+    load_price_book,
+    parse_price_book,
 )
-from schemas.pricebook import Graduated, PriceBookError, Volume, load_price_book, parse_price_book
+from tests.unit.windows_support import T0, Partition, event
 
 DEFAULT = Path(__file__).resolve().parents[2] / "schemas" / "pricebooks" / "default.yaml"
 BOOK = load_price_book(DEFAULT)
@@ -31,106 +29,28 @@ V = BOOK.version_at(datetime(2026, 11, 24, tzinfo=UTC))
 D = BOOK.token.decimals
 
 
-def gpu(
-    model: str,
-    seconds: int,
-    total_gb: int,
-    allocated_gb: int,
-    watts: int,
-    *,
-    demand: Decimal | None = None,
-    provider_minimum: Decimal | None = None,
-) -> ChargeLine:
-    """One GPU charge line with the default book."""
-    return rate_gpu(
-        V,
-        D,
-        model,
-        seconds,
-        vram_total_gb=Decimal(total_gb),
-        vram_allocated_gb=Decimal(allocated_gb),
-        power_watts=Decimal(watts),
-        demand=demand,
-        provider_minimum=provider_minimum,
-    )
-
-
 def usdc(text: str) -> int:
-    return to_base_units(Decimal(text), D)
+    return base_units(Decimal(text), D)
 
 
-def test_startup_tier_12000_requests_in_a_period_cost_20_usdc_of_overage() -> None:
-    overage, used = rate_api_requests(V, D, "startup", used_before=0, requests=12_000)
-    assert overage is not None
-    assert (overage.quantity, overage.amount_base_units, used) == (Decimal(2000), usdc("20"), 12_000)
-    assert rate_api_fee(V, D, "startup").amount_base_units == usdc("50")
+def product(name: str, quantity: int) -> int:
+    return usdc(str(price(V.products[name].pricing, Decimal(quantity))))
 
 
-def test_quota_is_consumed_once_across_windows() -> None:
-    used, total = 0, 0
-    for requests in (6_000, 3_000, 2_000, 1_000):  # the same 12,000 requests in four windows
-        overage, used = rate_api_requests(V, D, "startup", used, requests)
-        total += overage.amount_base_units if overage else 0
-    assert total == usdc("20")
+def test_the_default_books_api_tiers() -> None:
+    """12,000 requests on startup: 2,000 over the 10,000 included at 0.01 = 20."""
+    assert overage(V.api_tiers["startup"], 12_000) == Decimal("20.00")
+    assert overage(V.api_tiers["growth"], 100_001) == Decimal("0.005")
+    assert overage(V.api_tiers["enterprise"], 500_001) == Decimal("0.002")
+    assert overage(V.api_tiers["startup"], 9_999) == 0
 
 
-def test_growth_and_enterprise_tiers() -> None:
-    growth, _ = rate_api_requests(V, D, "growth", 0, 100_001)
-    enterprise, _ = rate_api_requests(V, D, "enterprise", 499_999, 2)
-    assert growth is not None and growth.amount_base_units == usdc("0.005")
-    assert enterprise is not None and enterprise.amount_base_units == usdc("0.002")
-
-
-def test_sixty_minutes_at_2_5_per_hour_is_2_5() -> None:
-    # An a100 (2.00/h base) at a full card, 500 W (+0.50/h): 2.50 per hour.
-    charge = gpu("a100", 3600, 80, 80, 500)
-    assert charge.unit_price == Decimal("2.5")
-    assert charge.amount_base_units == usdc("2.5")
-
-
-def test_half_a_24_gb_card_pays_half_the_base_rate() -> None:
-    half = gpu("rtx_4090", 3600, 24, 12, 0)
-    assert half.amount_base_units == usdc("0.25")
-
-
-def test_power_adds_to_the_hourly_rate_and_the_provider_minimum_floors_it() -> None:
-    with_power = gpu("rtx_4090", 3600, 24, 24, 350)
-    assert with_power.unit_price == Decimal("0.85")  # 0.50 + 350 W x 0.001
-    floored = gpu("rtx_4090", 60, 24, 6, 0, provider_minimum=Decimal("1.20"))
-    assert floored.unit_price == Decimal("1.20")
-    doubled = gpu("h100", 1800, 80, 80, 0, demand=Decimal(2))
-    assert doubled.amount_base_units == usdc("4")
-
-
-def test_platform_fee_splits_a_charge_exactly() -> None:
-    assert V.gpu is not None
-    fee, provider = split_platform_fee(2_500_000, V.gpu)
-    assert (fee, provider) == (125_000, 2_375_000)
-    fee, provider = split_platform_fee(7, V.gpu)
-    assert fee + provider == 7
-
-
-def test_user_type_table_per_hour() -> None:
-    assert rate_compute(V, D, "free", "gpu", 3600).amount_base_units == usdc("0.25")
-    assert rate_compute(V, D, "pro", "gpu", 3600).amount_base_units == usdc("0.125")
-    assert rate_compute(V, D, "enterprise", "medium", 7200).amount_base_units == usdc("0.03")
-    assert rate_compute(V, D, "admin", "large", 3600).amount_base_units == 0
-
-
-def test_storage_per_gb_month_and_one_time_purchases() -> None:
-    month = 30 * 86_400
-    assert rate_storage(V, D, "bucket", Decimal(100), month).amount_base_units == usdc("2")
-    assert rate_storage(V, D, "filestore", Decimal(10), month // 2).amount_base_units == usdc("0.85")
-    assert rate_one_time(V, D, "ml_ready_environment").amount_base_units == usdc("5")
-
-
-def test_product_unit_price_free_tier_and_models() -> None:
-    assert rate_product(V, D, "gpt-4", Decimal(1000)).amount_base_units == usdc("2")  # seed 003: 2.00
-    assert rate_product(V, D, "claude-3", Decimal(1000)).amount_base_units == 0  # within free tier
-    assert rate_product(V, D, "claude-3", Decimal(3000)).amount_base_units == usdc("3")
-    assert rate_product(V, D, "embed-small", Decimal(1001)).amount_base_units == usdc("0.02")  # 2 packages
-    graduated = rate_product(V, D, "llama-3-70b", Decimal(1_500_000))
-    assert graduated.amount_base_units == usdc("1050")  # 1M x 0.0008 + 0.5M x 0.0005
+def test_the_default_books_products_and_models() -> None:
+    assert product("gpt-4", 1000) == usdc("2")  # 0.002 per token
+    assert product("claude-3", 1000) == 0  # within its free 1,000
+    assert product("claude-3", 3000) == usdc("3")
+    assert product("embed-small", 1001) == usdc("0.02")  # 2 packages of 1,000
+    assert product("llama-3-70b", 1_500_000) == usdc("1050")  # 1M x 0.0008 + 0.5M x 0.0005
 
 
 def test_volume_tiers_price_everything_at_the_tier_reached_and_minimums_apply() -> None:
@@ -147,10 +67,93 @@ def test_volume_tiers_price_everything_at_the_tier_reached_and_minimums_apply() 
     assert price(volume, Decimal(0)) == 0
 
 
-def test_rounding_is_half_even_once_per_line() -> None:
-    assert to_base_units(Decimal("0.0000005"), 6) == 0
-    assert to_base_units(Decimal("0.0000015"), 6) == 2
-    assert to_base_units(Decimal("2.4999995"), 6) == 2_500_000
+def test_the_default_books_time_meters_on_the_window_core() -> None:
+    """GPU, compute and storage of the default book's worked examples, each account its own."""
+    p = Partition({"acct-ent": AccountPlan(BOOK, None, "enterprise")})
+    hour = [T0 - timedelta(hours=3, minutes=-m) for m in range(60)]
+    full_a100 = {"gpu_model": "a100", "vram_total_gb": "80", "vram_allocated_gb": "80", "power_watts": "500"}
+    p.poll(
+        *(event("gpu.usage.v1", t, "acct-a100", i, **full_a100) for i, t in enumerate(hour)),
+        *(event("gpu.usage.v1", t, "acct-half", i, power_watts="0") for i, t in enumerate(hour)),
+        event("storage.usage.v1", T0, "acct-store", 1, gb="100", duration_seconds=30 * 86_400),
+        event("session.started.v1", T0, "acct-ent", 1),
+        event("session.ended.v1", T0 + timedelta(hours=2), "acct-ent", 2),
+    )
+    p.finish()
+    assert p.total("acct-a100") == usdc("2.5")  # (2.00 x 80/80 + 500 W x 0.001) x 1 h
+    assert p.total("acct-half") == usdc("0.25")  # 0.50 x 12/24 x 1 h
+    assert p.total("acct-store") == usdc("2")  # 100 GB for 30 days at 0.02 per GB-month
+    assert p.total("acct-ent") == usdc("0.03")  # 2 h of medium for enterprise at 0.015/h
+    fees = sum(c.platform_fee_base_units for c in p.charges if c.account == "acct-a100")
+    assert fees == 125_000  # 5% of 2.5, split off once per period
+
+
+def test_rounding_is_half_even() -> None:
+    assert base_units(Decimal("0.0000005"), 6) == 0
+    assert base_units(Decimal("0.0000015"), 6) == 2
+    assert base_units(Decimal("2.4999995"), 6) == 2_500_000
+    assert base_units(Fraction(5, 3200), 6) == 1_562  # 1,562.5: to the even neighbour
+
+
+def test_prices_are_exact_far_beyond_28_digits() -> None:
+    """A product of a 28-digit price and a large count keeps every digit (no 28-digit cut)."""
+    big = Product.model_validate(
+        {"pricing": {"model": "per_unit", "unit_price": "1234567890.123456789012345678"}}
+    )
+    amount = price(big.pricing, Decimal(987_654_321_987))
+    digits = 1234567890123456789012345678 * 987_654_321_987
+    assert Fraction(amount) == Fraction(digits, 10**18)  # every digit of the product
+    assert len(amount.as_tuple().digits) > 28
+
+
+@given(st.lists(st.integers(min_value=-(10**9), max_value=10**12), min_size=1, max_size=30))
+def test_a_linear_periods_lines_add_up_to_its_total_rounded_once(pieces: list[int]) -> None:
+    """However a period's exact amount arrives (windows, revisions, corrections of either sign),
+    its charges add up to the total rounded once, and each fee is its charge's share."""
+    period = LinearPeriod()
+    lines, fees = [], []
+    for piece in pieces:
+        line, fee = period.charge(Fraction(piece, 7 * 10**7), 6, Decimal("5"))
+        lines.append(line)
+        fees.append(fee)
+        assert abs(fee) <= abs(line) and fee * line >= 0
+    total = Fraction(sum(pieces), 7 * 10**7)
+    assert sum(lines) == base_units(total, 6)
+    assert sum(fees) == round(Fraction(sum(lines)) * 5 / 100)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5_000)), min_size=1, max_size=20),
+    st.randoms(),
+)
+def test_a_segmented_periods_total_does_not_depend_on_arrival_order(
+    windows: list[tuple[int, int]], rnd: object
+) -> None:
+    """Windows of six segments (plan-and-version spans) in any order: the same total, each
+    segment's units priced after those of the segments before it in time."""
+    tiers = [
+        ApiTier(monthly_fee=Decimal(0), included_requests=included, overage_per_request=Decimal(rate))
+        for included, rate in [(100, "0.01"), (0, "0.02"), (5_000, "0.005"), (0, "0"), (50, "1"), (10, "0.3")]
+    ]
+
+    def total(order: list[tuple[int, int]]) -> int:
+        period = SegmentedPeriod()
+        charged = 0
+        for since, used in order:
+            if not any(s.since == since for s in period.segments):
+                period.segments.append(Segment(since, 0, tiers[since].model_dump_json().encode(), "v"))
+            charged += period.charge("api_overage", since, used, 6)
+        return charged
+
+    shuffled = list(windows)
+    rnd.shuffle(shuffled)  # type: ignore[attr-defined]  # hypothesis' Random
+    expected, before = Fraction(0), 0
+    for since in range(6):
+        used = sum(n for s, n in windows if s == since)
+        expected += Fraction(overage(tiers[since], before + used) - overage(tiers[since], before))
+        before += used
+    assert total(windows) == total(shuffled) == base_units(expected, 6)
 
 
 def test_a_version_applies_from_its_effective_date() -> None:
@@ -165,10 +168,19 @@ def test_a_version_applies_from_its_effective_date() -> None:
     book = parse_price_book(text)
     november = book.version_at(datetime(2026, 11, 30, 23, 59, tzinfo=UTC))
     december = book.version_at(datetime(2026, 12, 1, tzinfo=UTC))
-    assert rate_api_fee(november, D, "startup").amount_base_units == usdc("50")
-    assert rate_api_fee(december, D, "startup").price_version == "2026-12-01T00:00:00Z"
+    assert november.api_tiers["startup"].monthly_fee == 50
+    assert december.label == "2026-12-01T00:00:00Z" and book.version_labelled(december.label) is december
     with pytest.raises(LookupError):
         book.version_at(datetime(2025, 1, 1, tzinfo=UTC))
+
+
+def test_versions_and_demand_steps_take_effect_on_a_whole_second() -> None:
+    text = """name: n
+versions:
+  - effective_from: "2026-01-01T00:00:00.5Z"
+"""
+    with pytest.raises(PriceBookError, match="whole second"):
+        parse_price_book(text)
 
 
 def test_every_problem_in_a_file_is_reported_with_its_path_and_line() -> None:
@@ -192,8 +204,8 @@ versions:
     assert any(p.startswith("broken.yaml:10: versions.0.gpu.base_rate_per_hour.a100") for p in problems)
 
 
-def test_a_price_has_at_most_28_significant_digits() -> None:
-    """Money is computed at 28 digits; the meter's native core reads prices exactly."""
+def test_a_price_has_at_most_28_significant_digits_and_18_places() -> None:
+    """Bounds that keep every amount within the meter's exact arithmetic (docs/PRICING.md)."""
     text = """
 name: long
 versions:
@@ -202,7 +214,9 @@ versions:
 """
     with pytest.raises(PriceBookError, match="at most 28 significant digits"):
         parse_price_book(text)
-    assert parse_price_book(text.replace('789"', '78"'))  # 28 digits: a price
+    with pytest.raises(PriceBookError, match="at most 18 decimal places"):
+        parse_price_book(text.replace('789"', '78"'))  # 28 digits, but 29 places
+    assert parse_price_book(text.replace('"0.12345678901234567890123456789"', '"0.123456789012345678"'))
 
 
 def test_yaml_numbers_are_read_exactly() -> None:
@@ -212,50 +226,3 @@ versions:
     storage_per_gb_month: {bucket: 0.01}
 """)
     assert book.versions[0].storage_per_gb_month["bucket"] == Decimal("0.01")
-
-
-quantities = st.decimals(min_value=0, max_value=10**9, places=3, allow_nan=False, allow_infinity=False)
-tiers = Graduated.model_validate(
-    {
-        "model": "tiered_graduated",
-        "tiers": [
-            {"up_to": 1000, "unit_price": "0.01"},
-            {"up_to": 5000, "unit_price": "0.008", "flat_fee": "1"},
-            {"unit_price": "0.005"},
-        ],
-    }
-)
-
-
-@given(quantities)
-def test_prices_are_never_negative(quantity: Decimal) -> None:
-    assert price(tiers, quantity) >= 0
-    for product in V.products:
-        assert rate_product(V, D, product, quantity).amount_base_units >= 0
-
-
-@settings(max_examples=200)
-@given(st.lists(st.integers(min_value=0, max_value=5_000), min_size=1, max_size=20), st.randoms())
-def test_quota_total_does_not_depend_on_arrival_order_or_windows(windows: list[int], rnd: object) -> None:
-    def total(batches: list[int]) -> int:
-        used, amount = 0, 0
-        for requests in batches:
-            overage, used = rate_api_requests(V, D, "startup", used, requests)
-            amount += overage.amount_base_units if overage else 0
-        return amount
-
-    shuffled = list(windows)
-    rnd.shuffle(shuffled)  # type: ignore[attr-defined]  # hypothesis' Random
-    once, _ = rate_api_requests(V, D, "startup", 0, sum(windows))
-    assert total(windows) == total(shuffled) == (once.amount_base_units if once else 0)
-
-
-@given(st.lists(st.integers(min_value=1, max_value=7_200), min_size=1, max_size=10))
-def test_splitting_usage_across_windows_moves_the_total_by_at_most_the_rounding(pieces: list[int]) -> None:
-    def h100(seconds: int) -> int:
-        return gpu("h100", seconds, 80, 20, 333).amount_base_units
-
-    split_total = sum(h100(s) for s in pieces)
-    whole = h100(sum(pieces))
-    # Each line rounds once, by at most half a base unit: n pieces and the whole, n + 1 roundings.
-    assert 2 * abs(split_total - whole) <= len(pieces) + 1

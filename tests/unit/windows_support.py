@@ -3,6 +3,7 @@ that commits like the meter (changes applied per close), and price books written
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import msgspec
 
 from agents.plans import AccountPlan, FixedPlans, PlanHistory, epoch_seconds
-from agents.window import OPEN, WATERMARK, GPU_SESSION, Stored, WindowConfig, WindowResult, Windows
+from agents.window import GPU_SESSION, OPEN, WATERMARK, Stored, WindowConfig, WindowResult, Windows
 from schemas.charges import Charge
 from schemas.events import UsageEvent, event_decoder
 from schemas.pricebook import PriceBook, load_price_book, parse_price_book
@@ -70,7 +71,7 @@ class Partition:
     """A window core over a dict store that commits like the meter: changes applied per close."""
 
     def __init__(
-        self, plans: dict[str, AccountPlan | PlanHistory] | None = None, config: WindowConfig = CONFIG
+        self, plans: Mapping[str, AccountPlan | PlanHistory] | None = None, config: WindowConfig = CONFIG
     ) -> None:
         self.config = config
         self.store: dict[bytes, bytes] = {}
