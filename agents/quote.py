@@ -8,7 +8,8 @@ charge for the same events, to the base unit.
 Input: one JSON line per event, a CloudEvent as producers send it (``specversion``, ``id`` and
 ``source`` may be left out: a quote fills them in), plus, optionally, ``plan``: the plan the
 subject is on from that event's time on (a plan name, or an object with ``api_tier`` and
-``compute_user_type``). A plan name is read in the price book: an API tier of that name, and the
+``compute_user_type``; a subject's earliest plan holds since ever). A line of only ``subject``,
+``time`` and ``plan`` changes the plan without an event. A plan name is read in the price book: an API tier of that name, and the
 compute user type of that name, where the book has them. The quote's clock is its latest event
 time: older events meet the correction horizon as a worker's would.
 """
@@ -91,13 +92,15 @@ def quote(
                 result.errors.append(QuoteError(number, "schema_violation", str(exc)))
                 continue
             changes.setdefault(line.subject, []).append((epoch_seconds(line.time), plan))
+        if line.plan_only:
+            continue
         if line.time is not None and (latest is None or line.time > latest):
             latest = line.time
         values.append((number, line.value))
     for subject, history in changes.items():
-        first = sorted(history, key=lambda change: change[0])
-        # Before its first plan line, a subject is on the default plan.
-        plans.set(subject, PlanHistory.of([(0, default), *first] if first[0][0] > 0 else first))
+        # A subject's earliest plan holds since ever (as an account's plan in Postgres does); each
+        # later one from its line's time.
+        plans.set(subject, PlanHistory.of(history))
     now = latest or datetime.now(UTC)
     task = MeterTask(settings, 0, MemoryStore(), plans, ingest_core(settings))
     records = [
@@ -134,6 +137,7 @@ class _Line:
     plan: str | dict[str, Any] | None = None
     subject: str | None = None
     time: datetime | None = None
+    plan_only: bool = False  # no event: the subject's plan changes at ``time``
 
     @classmethod
     def read(cls, raw: bytes, number: int) -> _Line:
@@ -151,6 +155,7 @@ class _Line:
             plan if isinstance(plan, str | dict) else None,
             subject if isinstance(subject, str) else None,
             _time(event.get("time")),
+            plan_only=plan is not None and "type" not in event and "data" not in event,
         )
 
 
