@@ -23,6 +23,7 @@ import msgspec
 from sqlalchemy import Engine, create_engine, text
 
 from pipeline.oracle import Judge, PlanDef
+from pipeline.producer import TallyProducer
 from pipeline.settings import REPO_ROOT, Settings
 from pipeline.testing import Worker, isolated_settings, settings_env
 from schemas.events import event_decoder
@@ -181,7 +182,7 @@ def scenario(t: datetime) -> Scenario:
     start = v2 - timedelta(seconds=2250)
     for account, end_first in (("acct-se", False), ("acct-es", True)):
         s.plans[account] = [(None, "r-none")]
-        ends = [
+        ends: list[tuple[str, datetime, dict[str, Any]]] = [
             ("session.started.v1", start, {"session_id": "c", "resource_tier": "medium"}),
             ("session.ended.v1", start + timedelta(hours=2), {"session_id": "c", "duration_seconds": 7200}),
         ]
@@ -225,8 +226,6 @@ def store_scenario(engine: Engine, s: Scenario) -> None:
 
 async def publish_in_order(settings: Settings, events: list[dict[str, Any]]) -> None:
     """One message per event, keyed by account, in order (so an end can precede its start)."""
-    from pipeline.producer import TallyProducer
-
     async with TallyProducer(settings) as producer:
         await producer.send_raw([(e["subject"].encode(), msgspec.json.encode(e)) for e in events])
 
