@@ -10,8 +10,9 @@ Input: one JSON line per event, a CloudEvent as producers send it (``specversion
 subject is on from that event's time on (a plan name, or an object with ``api_tier`` and
 ``compute_user_type``; a subject's earliest plan holds since ever). A line of only ``subject``,
 ``time`` and ``plan`` changes the plan without an event. A plan name is read in the price book:
-an API tier of that name, and the compute user type of that name, where the book has them. The quote's clock is its latest event
-time: older events meet the correction horizon as a worker's would.
+an API tier of that name, and the compute user type of that name, where the book has them. The
+quote's clock is its latest event time: older events meet the correction horizon as a worker's
+would.
 """
 
 from __future__ import annotations
