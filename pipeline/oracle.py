@@ -227,11 +227,11 @@ class Judge:
             start = run.starts.get((account, session_id))
             if start is None or start.data.resource_tier is None:
                 continue
-            begin = int(start.time.timestamp() // 1)
-            finish = (
-                begin + end.data.duration_seconds
+            finish = int(end.time.timestamp() // 1)
+            begin = (
+                finish - end.data.duration_seconds
                 if end.data.duration_seconds is not None
-                else int(end.time.timestamp() // 1)
+                else int(start.time.timestamp() // 1)
             )
             at = begin
             while at < finish:

@@ -497,12 +497,14 @@ impl WindowCore {
         let mut placed = Vec::new();
         if let (Some(started), Some(ended), false) = (seen.started_at, seen.ended_at, seen.charged)
         {
-            let end = match seen.duration {
-                Some(duration) => started.saturating_add(i64::try_from(duration).unwrap_or(0)),
-                None => ended,
+            // The session ends when its end says; it lasted its `duration_seconds` when the end
+            // gives one (the producer's measure), else since its start.
+            let begin = match seen.duration {
+                Some(duration) => ended.saturating_sub(i64::try_from(duration).unwrap_or(i64::MAX)),
+                None => started,
             };
             if let Some(tier) = seen.resource_tier.clone() {
-                match self.compute_pieces(py, account, plans, &tier, started, end) {
+                match self.compute_pieces(py, account, plans, &tier, begin, ended) {
                     Ok(pieces) => placed = pieces,
                     Err(refusal) => return Ok(Err(refusal)),
                 }
@@ -518,7 +520,7 @@ impl WindowCore {
         Ok(Ok(placed))
     }
 
-    /// A compute session's time [start, end), cut where the plan or its book's version changes,
+    /// A compute session's time [begin, end), cut where the plan or its book's version changes,
     /// each piece at the hourly rate of the user type and resource tier then in force, charged
     /// in the window holding the piece's last second.
     fn compute_pieces(
@@ -527,11 +529,11 @@ impl WindowCore {
         account: u32,
         plans: &PlanHistory,
         tier: &str,
-        start: i64,
+        begin: i64,
         end: i64,
     ) -> Result<Vec<Placed>, Refusal> {
         let mut placed = Vec::new();
-        let mut at = start;
+        let mut at = begin;
         while at < end {
             let rated = self.rated_at(py, plans, at)?;
             let next = [
