@@ -1,7 +1,25 @@
-"""Types of the compiled meter hot path (native/src): see native/README.md."""
+"""Types of the compiled meter hot path (native/src): see native/README.md. `make lint` holds this
+stub to the built extension (mypy's stubtest)."""
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, Self, final
+
+__all__ = [
+    "BookSpec",
+    "DemandStepSpec",
+    "GpuRatesSpec",
+    "MeterCore",
+    "PlanSpec",
+    "PollOutput",
+    "ProductSpec",
+    "TierSpec",
+    "VersionSpec",
+    "WindowCore",
+    "decimal_op",
+    "route",
+    "schema",
+    "utc_time",
+]
 
 class _Record(Protocol):
     @property
@@ -9,14 +27,16 @@ class _Record(Protocol):
     @property
     def offset(self) -> int: ...
 
-Entries = list[tuple[bytes, bytes]]
+_Entries = list[tuple[bytes, bytes]]
 
+@final
 class DemandStepSpec:
-    def __init__(self, *, effective_from: int, multiplier: str, gpu_models: list[str] | None) -> None: ...
+    def __new__(cls, *, effective_from: int, multiplier: str, gpu_models: list[str] | None) -> Self: ...
 
+@final
 class GpuRatesSpec:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         base_rate_per_hour: dict[str, str],
         per_gb_hour: bool,
@@ -28,17 +48,20 @@ class GpuRatesSpec:
         billing_granularity_seconds: int,
         minimum_session_seconds: int,
         platform_fee_percent: str,
-    ) -> None: ...
+    ) -> Self: ...
 
+@final
 class TierSpec:
-    def __init__(self, *, charge_failed: bool) -> None: ...
+    def __new__(cls, *, charge_failed: bool) -> Self: ...
 
+@final
 class ProductSpec:
-    def __init__(self, *, unit: str, charge_failed: bool) -> None: ...
+    def __new__(cls, *, unit: str, charge_failed: bool) -> Self: ...
 
+@final
 class VersionSpec:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         effective_from: int,
         label: str,
@@ -47,27 +70,30 @@ class VersionSpec:
         products: dict[str, ProductSpec],
         compute_per_hour: dict[str, dict[str, str]],
         storage_per_gb_month: dict[str, str],
-    ) -> None: ...
+    ) -> Self: ...
 
+@final
 class BookSpec:
-    def __init__(self, *, name: str, versions: list[VersionSpec]) -> None: ...
+    def __new__(cls, *, name: str, versions: list[VersionSpec]) -> Self: ...
     @property
     def name(self) -> str: ...
 
+@final
 class PlanSpec:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         effective_from: int,
         book: BookSpec | None,
         api_tier: str | None,
         compute_user_type: str | None,
         unpriced: str | None = None,
-    ) -> None: ...
+    ) -> Self: ...
 
+@final
 class WindowCore:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         size: int,
         grace: int,
@@ -78,7 +104,7 @@ class WindowCore:
         open_windows: Sequence[tuple[bytes, bytes]],
         gpu_sessions: Sequence[tuple[bytes, bytes]],
         watermark: int,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def watermark(self) -> int: ...
     def __len__(self) -> int: ...
@@ -88,17 +114,18 @@ class WindowCore:
     def interned(self) -> int: ...
     def begin_poll(self, generation: int) -> None: ...
     def add(self, body: bytes) -> tuple[str, str] | None: ...
-    def close(self, wall_clock: int | None) -> tuple[Entries, Entries]: ...
-    def changes(self) -> Entries: ...
-    def open_windows(self) -> Entries: ...
+    def close(self, wall_clock: int | None) -> tuple[_Entries, _Entries]: ...
+    def changes(self) -> _Entries: ...
+    def open_windows(self) -> _Entries: ...
 
+@final
 class PollOutput:
     @property
     def accepted(self) -> list[bytes]: ...
     @property
     def forwarded(self) -> list[tuple[int, bytes]]: ...
     @property
-    def marks(self) -> Entries: ...
+    def marks(self) -> _Entries: ...
     @property
     def mark_records(self) -> list[bytes]: ...
     @property
@@ -110,9 +137,10 @@ class PollOutput:
     @property
     def forwarded_count(self) -> int: ...
 
+@final
 class MeterCore:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         windows: WindowCore,
         partition: int,
         partitions: int,
@@ -124,7 +152,7 @@ class MeterCore:
         max_quantity: str,
         read: Callable[[bytes], bytes | None],
         read_many: Callable[[list[bytes]], list[bytes | None]],
-    ) -> None: ...
+    ) -> Self: ...
     def begin(self, earliest_us: int, latest_us: int, plans_generation: int) -> None: ...
     def ingest(self, records: Sequence[_Record], start: int) -> int: ...
     def accept(self, partition: int, records: list[tuple[bytes, bytes, bytes]], offset: int) -> None: ...
