@@ -6,7 +6,7 @@ entry is in force since ever. Usage is rated by the plan in force at its event t
 plan's book's version in force at the same time.
 
 ``Plans`` is what the meter asks (``pipeline.plans.PlanDirectory`` reads Postgres; ``FixedPlans``
-holds them in memory for ``tally quote`` and tests). ``native_plans`` and ``native_book`` turn
+holds them in memory for ``tally quote`` and tests). ``NativeBooks`` and ``native_book`` turn
 them into the compiled core's typed values (``tally_native.PlanSpec``, ``BookSpec``).
 """
 

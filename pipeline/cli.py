@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.cli_analytics import clickhouse_app, reconcile, stats_app
+from pipeline.cli_plans import plans_app
 from pipeline.cli_support import console, settings_or_exit
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 app.add_typer(clickhouse_app, name="clickhouse")
 app.add_typer(stats_app, name="stats")
+app.add_typer(plans_app, name="plans")
 
 
 @config_app.callback(invoke_without_command=True)

@@ -1,6 +1,6 @@
 //! What the window core reads of price books and plans, as typed Python classes: agents/window.py
 //! builds a `BookSpec` once per loaded price book (`native_book`) and a `PlanSpec` per entry of an
-//! account's plan history (`native_plans`); their constructors are the whole boundary (keyword
+//! account's plan history (`NativeBooks.plans`); their constructors are the whole boundary (keyword
 //! arguments, checked here; `tally_native.pyi` types them and `make lint` holds the stub to this
 //! module with mypy's stubtest). Prices cross as decimal text and are read exactly.
 //!

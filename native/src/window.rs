@@ -282,7 +282,7 @@ type Entries = Vec<(Py<PyBytes>, Py<PyBytes>)>;
 #[pymethods]
 impl WindowCore {
     /// `plan_of(account)`: the account's plan history (`PlanSpec`s, agents/window.py's
-    /// `native_plans`); `open_windows` and `gpu_sessions`: the store's `\x00o` and `\x00g`
+    /// `NativeBooks.plans`); `open_windows` and `gpu_sessions`: the store's `\x00o` and `\x00g`
     /// entries, raw (only running GPU sessions are kept in memory).
     #[new]
     #[pyo3(signature = (*, size, grace, horizon, idle_timeout, plan_of, read, open_windows, gpu_sessions, watermark))]

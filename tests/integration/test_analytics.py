@@ -36,7 +36,7 @@ CHARGE_ROLLUPS = ("charges_1m", "charges_1h", "charges_1d", "charges_accounts_1h
 @pytest.fixture
 def engine_client(tmp_path: Path) -> Iterator[Client]:
     client = connect(f"chdb://{tmp_path / 'ch'}")
-    assert migrate(client) == ["0001_analytics.sql"]
+    assert migrate(client) == ["0001_analytics.sql", "0002_signed_amounts.sql"]
     assert migrate(client) == []  # applied once
     yield client
     client.close()
@@ -47,6 +47,11 @@ def usage_batches(events: int, seed: int = 1) -> list[bytes]:
         events=events, accounts=20, batch_size=100, bad_fraction=0, duplicate_fraction=0, seed=seed
     )
     return [m.value for m in generate(plan, default_now(), Expected())]
+
+
+def amount(i: int) -> int:
+    """Charge i's amount: every fifth a credit (a correction lowering its period's total)."""
+    return -(1_000 + i) if i % 5 == 0 else 33_333 + i
 
 
 def charge_batch(count: int) -> bytes:
@@ -62,10 +67,10 @@ def charge_batch(count: int) -> bytes:
             quantity="60",
             unit="gpu_hour",
             unit_price="2",
-            amount_base_units=33_333 + i,
+            amount_base_units=amount(i),
             price_version="default@2025-01-01",
             provider_id="prov-1",
-            platform_fee_base_units=1_666,
+            platform_fee_base_units=1_666 if amount(i) > 0 else -50,
         )
         for i in range(count)
     ]
@@ -91,9 +96,11 @@ def test_a_retried_batch_is_written_once_in_the_raw_tables_and_every_rollup(engi
     once = totals(engine_client)
     assert once["usage_events"] == 3_000
     assert all(once[r] == 3_000 for r in ROLLUPS)
-    charged = sum(33_333 + i for i in range(50))
+    charged = sum(amount(i) for i in range(50))
     assert once["charges"] == charged
     assert all(once[r] == charged for r in CHARGE_ROLLUPS)
+    credits = "SELECT count() FROM charges WHERE billing_method = 'credit'"
+    assert engine_client.query(credits).result_rows[0][0] == 10
     # The same batches again, as after a crash between insert and commit: nothing changes...
     sink.insert("usage_events", usage, "usage.accepted:0:0-29")
     sink.insert("charges", charges, "charges:0:0-0")

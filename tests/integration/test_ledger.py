@@ -112,13 +112,16 @@ def test_charge_ids_are_deterministic_and_revisions_differ() -> None:
 
 
 def test_the_ledger_stage_dead_letters_what_breaks_the_contract_and_writes_the_rest(tmp_path: Path) -> None:
-    """Charges from a foreign producer: undecodable, negative, a fee above its charge, or text
-    Postgres refuses (NUL) - each such message is dead-lettered with a reason, never raised,
-    and the good ones in the same poll are written."""
+    """Charges from a foreign producer: undecodable, a credit whose fee is a debit, a fee above its
+    charge, or text Postgres refuses (NUL) - each such message is dead-lettered with a reason,
+    never raised, and the good ones in the same poll are written."""
     settings = isolated_database(load_settings(data_dir=tmp_path))
     good = charges(3, seed=7)
     nul = [msgspec.structs.replace(charges(1, seed=8, first_minute=500)[0], account="acct-\x00")]
-    negative = msgspec.json.encode(charges(1, seed=9, first_minute=600)).replace(
+    # A credit (a negative charge) is valid, but not with a fee of the other sign.
+    with_provider = charges(2, seed=9, first_minute=600)[1]
+    assert with_provider.provider_id is not None and with_provider.platform_fee_base_units > 0
+    negative = msgspec.json.encode([with_provider]).replace(
         b'"amount_base_units":', b'"amount_base_units":-', 1
     )
     above = [
@@ -175,3 +178,45 @@ def test_dimensions_reach_jsonb_exactly_whatever_their_characters(tmp_path: Path
     finally:
         writer.close()
     assert stored == awkward
+
+
+def test_a_credit_reverses_the_sides_of_its_entries_and_balances_stay_double(tmp_path: Path) -> None:
+    """A negative charge (a correction lowering its period's total) credits the customer and
+    debits the provider and the platform by its split; every balance still sums to zero."""
+    settings = isolated_database(load_settings(data_dir=tmp_path))
+    writer = LedgerWriter(settings)
+    charge = msgspec.structs.replace(
+        charges(2, seed=11)[1], amount_base_units=10_000, platform_fee_base_units=500
+    )
+    credit = msgspec.structs.replace(
+        charge,
+        charge_id=charge_id(charge.account, "gpu", charge.dimensions, charge.window_start, 1),
+        revision=1,
+        amount_base_units=-4_000,
+        platform_fee_base_units=-200,
+    )
+    try:
+        assert writer.write([charge, credit]) == 2
+        with writer.engine.connect() as db:
+            entries = sorted(
+                db.execute(
+                    text(
+                        "SELECT ledger_account, side, amount_base_units FROM ledger_entries"
+                        " WHERE charge_id = :id"
+                    ),
+                    {"id": credit.charge_id},
+                ).all()
+            )
+            balances = dict(db.execute(text("SELECT ledger_account, balance_base_units FROM balances")).all())
+    finally:
+        writer.close()
+    assert entries == [
+        (f"customer:{charge.account}", "credit", 4_000),
+        ("platform", "debit", 200),
+        (f"provider:{charge.provider_id}", "debit", 3_800),
+    ]
+    assert balances == {
+        f"customer:{charge.account}": -6_000,
+        f"provider:{charge.provider_id}": 9_500 - 3_800,
+        "platform": 500 - 200,
+    }

@@ -3,7 +3,10 @@ the plan in force at each moment, books reloaded when their file changes, a miss
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from sqlalchemy import create_engine, text
 from agents.plans import epoch_seconds
 from pipeline.plans import PlanDirectory
 from pipeline.settings import REPO_ROOT, load_settings
-from pipeline.testing import isolated_database
+from pipeline.testing import isolated_database, settings_env
 from sinks.postgres import change_plan, sqlalchemy_url, upsert_accounts, upsert_plans
 
 PREMIUM = """
@@ -25,6 +28,7 @@ versions:
       gold: {monthly_fee: "500", included_requests: 1000000, overage_per_request: "0.001"}
 """
 NOON = datetime(2026, 11, 24, 12, tzinfo=UTC)
+TALLY = str(Path(sys.executable).with_name("tally"))
 
 
 def test_each_account_is_rated_by_the_plan_in_force_at_each_moment(tmp_path: Path) -> None:
@@ -107,3 +111,29 @@ def test_a_changed_book_is_reloaded_and_a_removed_one_prices_nothing(tmp_path: P
         assert plan.book is None and plan.unpriced is not None and "premium" in plan.unpriced
     finally:
         engine.dispose()
+
+
+def test_tally_plans_changes_a_plan_from_a_moment_and_shows_the_history(tmp_path: Path) -> None:
+    settings = isolated_database(load_settings(data_dir=tmp_path))
+    engine = create_engine(sqlalchemy_url(settings))
+    upsert_plans(engine, [{"name": "startup", "price_book": "default", "api_tier": "startup"}])
+    upsert_accounts(engine, [("acct-1", None)])
+    env = settings_env(settings)
+
+    def tally(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([TALLY, "plans", *args], capture_output=True, text=True, env=env, check=False)
+
+    try:
+        assert tally("change", "acct-1", "startup", "--from", "2026-11-24T12:00:00+01:00").returncode == 0
+        bad_time = tally("change", "acct-1", "startup", "--from", "2026-11-24T12:00:00")
+        unknown = tally("change", "acct-1", "platinum")
+        shown = tally("show", "acct-1", "--json")
+    finally:
+        engine.dispose()
+    assert bad_time.returncode == 2 and "--from" in bad_time.stderr and "offset" in bad_time.stderr
+    assert unknown.returncode == 2 and "PLAN" in unknown.stderr and "platinum" in unknown.stderr
+    history = json.loads(shown.stdout)["history"]
+    assert [(h["from"], h["plan"], h["api_tier"]) for h in history] == [
+        (None, None, None),
+        ("2026-11-24T11:00:00+00:00", "startup", "startup"),
+    ]
