@@ -207,7 +207,8 @@ def test_a_credit_reverses_the_sides_of_its_entries_and_balances_stay_double(tmp
                     {"id": credit.charge_id},
                 ).all()
             )
-            balances = dict(db.execute(text("SELECT ledger_account, balance_base_units FROM balances")).all())
+            rows = db.execute(text("SELECT ledger_account, balance_base_units FROM balances")).all()
+            balances: dict[str, int] = {account: int(balance) for account, balance in rows}
     finally:
         writer.close()
     assert entries == [
