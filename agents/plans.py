@@ -114,6 +114,8 @@ class FixedPlans:
     default: AccountPlan
     plans: dict[str, PlanHistory] = field(default_factory=dict)
     generation: int = 0
+    _books: dict[str, PriceBook] = field(default_factory=dict, repr=False)
+    _books_at: int = field(default=-1, repr=False)
 
     @property
     def default_book(self) -> PriceBook:
@@ -125,9 +127,12 @@ class FixedPlans:
         return history if history is not None else PlanHistory.always(self.default)
 
     def book(self, name: str) -> PriceBook | None:
-        histories = [PlanHistory.always(self.default), *self.plans.values()]
-        books = (plan.book for history in histories for _, plan in history.entries)
-        return next((book for book in books if book is not None and book.name == name), None)
+        if self._books_at != self.generation:
+            histories = [PlanHistory.always(self.default), *self.plans.values()]
+            books = (plan.book for history in histories for _, plan in history.entries)
+            self._books = {book.name: book for book in reversed(list(books)) if book is not None}
+            self._books_at = self.generation
+        return self._books.get(name)
 
     def set(self, account: str, history: PlanHistory | AccountPlan) -> None:
         """Give an account a plan (since ever) or a history; the meter sees it at its next poll."""

@@ -38,6 +38,7 @@ EXACT = decimal.Context(
     traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow, decimal.Inexact],
 )
 _ZERO = Decimal(0)
+_NOTHING = Fraction(0)
 Money = Fraction | Decimal | int
 
 
@@ -46,19 +47,16 @@ def base_units(amount: Money, decimals: int) -> int:
     return round(Fraction(amount) * Fraction(10) ** decimals)
 
 
+@lru_cache(maxsize=4096)  # a few meters
 def divisor(meter: str) -> int:
     """Time meters sum per-second amounts (GPU-seconds, GB-seconds, session seconds at an hourly
-    or monthly price) and divide once, when the charge is made."""
+    or monthly price) and divide once, when the charge is made; 1 for the period meters (API
+    requests, products: priced from the period's units at the close)."""
     if meter == "gpu" or meter.startswith("compute:"):
         return SECONDS_PER_HOUR
     if meter.startswith("storage:"):
         return SECONDS_PER_MONTH
     return 1
-
-
-def is_period_meter(meter: str) -> bool:
-    """Meters priced from the period's cumulative usage (quotas, tiers, allowances)."""
-    return meter == "api_overage" or meter.startswith("product:")
 
 
 # Pricing models ---------------------------------------------------------------------------------
@@ -106,27 +104,77 @@ def overage(tier: ApiTier, requests: int) -> Decimal:
 # Period state -----------------------------------------------------------------------------------
 
 
-class LinearPeriod(msgspec.Struct, array_like=True, gc=False):
-    """A time meter's billing period: its exact amount so far and what it charged; for a GPU
-    provider's charges also the platform fee's exact share and what was split off."""
+def round_half_even(numerator: int, denominator: int) -> int:
+    """numerator / denominator (denominator > 0) to the nearest integer, ties to even, in ints."""
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2):
+        quotient += 1
+    return quotient
 
-    exact: str = "0"  # a Fraction's text
+
+# A platform fee percent has at most 18 decimal places (price bounds): in units of 10^-18 percent
+# it is an integer, so a period's fee share is an integer over FEE_SCALE.
+_PERCENT_UNIT = 10**18
+FEE_SCALE = 100 * _PERCENT_UNIT
+
+
+class LinearPeriod(msgspec.Struct, array_like=True, gc=False):
+    """A time meter's billing period as stored: its exact amount so far in the meter's own unit
+    (per second for GPU and compute, per GB-second for storage: ``divisor`` is applied when
+    rounding), as a decimal plus the rest over other denominators (GPU rates with a VRAM share
+    that does not come out even), what it charged; for a GPU provider's charges also the platform
+    fee's exact share (an integer over ``FEE_SCALE``) and what was split off. ``Linear`` is its
+    working form."""
+
+    exact: str = "0"  # Decimal text
+    rest: str = "0"  # Fraction text
     charged: int = 0
-    fee_exact: str = "0"
+    fee_exact: str = "0"  # an integer's text, over FEE_SCALE
     fee_charged: int = 0
 
-    def charge(self, amount: Fraction, decimals: int, fee_percent: Decimal | None) -> tuple[int, int]:
-        """Add a window's exact amount; return (its charge, the platform fee of it)."""
-        exact = Fraction(self.exact) + amount
-        line = base_units(exact, decimals) - self.charged
-        self.exact, self.charged = str(exact), self.charged + line
+
+class Linear:
+    """A time meter's billing period while the meter works on it (numbers, not text)."""
+
+    __slots__ = ("charged", "exact", "fee_charged", "fee_exact", "rest")
+
+    def __init__(self, state: LinearPeriod) -> None:
+        self.exact = Decimal(state.exact)
+        self.rest = _NOTHING if state.rest == "0" else Fraction(state.rest)  # parsing costs ~2 us
+        self.charged = state.charged
+        self.fee_exact = int(state.fee_exact)
+        self.fee_charged = state.fee_charged
+
+    def state(self) -> LinearPeriod:
+        texts = str(self.exact), str(self.rest) if self.rest else "0"
+        return LinearPeriod(*texts, self.charged, str(self.fee_exact), self.fee_charged)
+
+    def charge(
+        self, amount: Decimal, rest: Fraction, per: int, decimals: int, fee_percent: Decimal | None
+    ) -> tuple[int, int]:
+        """Add a window's exact amount (``amount`` + ``rest``, in units of 1/``per`` of the price's
+        unit); return (its charge, the platform fee split off it)."""
+        self.exact = EXACT.add(self.exact, amount)
+        numerator, denominator = self.exact.as_integer_ratio()
+        if rest or self.rest:
+            self.rest += rest
+            total = Fraction(numerator, denominator) + self.rest
+            numerator, denominator = total.numerator, total.denominator
+        line = round_half_even(numerator * 10**decimals, denominator * per) - self.charged
+        self.charged += line
         if fee_percent is None:
             return line, 0
         # The fee is the period's charges x the fee percent, rounded once: fee + earnings = charge.
-        fee_exact = Fraction(self.fee_exact) + Fraction(line) * Fraction(fee_percent) / 100
-        fee = round(fee_exact) - self.fee_charged
-        self.fee_exact, self.fee_charged = str(fee_exact), self.fee_charged + fee
+        self.fee_exact += line * _percent_units(fee_percent)
+        fee = round_half_even(self.fee_exact, FEE_SCALE) - self.fee_charged
+        self.fee_charged += fee
         return line, fee
+
+
+@lru_cache(maxsize=256)  # a few fee percents
+def _percent_units(percent: Decimal) -> int:
+    return int(percent.scaleb(18))
 
 
 class Segment(msgspec.Struct, array_like=True, gc=False):

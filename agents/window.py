@@ -44,13 +44,13 @@ from tally_native import WindowCore
 from agents.plans import NativeBooks, Plans
 from agents.rating import (
     FeeLine,
+    Linear,
     LinearPeriod,
     PeriodFees,
     Segment,
     SegmentedPeriod,
     base_units,
     divisor,
-    is_period_meter,
 )
 from schemas.charges import Charge, charge_id_of, dims_text
 from schemas.events import UsageEvent, encoder
@@ -80,6 +80,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _codec = msgspec.msgpack.Encoder()
 _key_decoder = msgspec.msgpack.Decoder(tuple[str, str, list[tuple[str, str]], int])
 S = TypeVar("S", LinearPeriod, SegmentedPeriod, PeriodFees)
+PeriodState = Linear | SegmentedPeriod | PeriodFees
+# Period states kept decoded between closes (a period's windows close all along it); past this
+# many the cache starts over from the store.
+PERIOD_CACHE_SIZE = 200_000
+_NO_REST = Fraction(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +132,15 @@ class Tally(msgspec.Struct, array_like=True, gc=False):
     fee_percent: Decimal | None = None
     fractions: list[tuple[Decimal, Decimal]] = msgspec.field(default_factory=list)
 
-    def exact(self) -> Fraction:
-        return Fraction(self.amount) + sum(
+    def rest(self) -> Fraction:
+        """The amount over denominators other than 1 (VRAM shares that do not come out even)."""
+        return sum(
             (Fraction(numerator) / Fraction(denominator) for denominator, numerator in self.fractions),
             Fraction(0),
         )
+
+    def exact(self) -> Fraction:
+        return Fraction(self.amount) + self.rest()
 
 
 class GpuSession(msgspec.Struct, array_like=True, gc=False):
@@ -182,6 +191,7 @@ def _dt(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
 
 
+@lru_cache(maxsize=4096)  # the windows a close rates share a few periods
 def period_of(epoch: int) -> tuple[int, int]:
     """The billing period (a UTC calendar month) holding ``epoch``: (start, end) in epoch seconds."""
     moment = _dt(epoch)
@@ -227,6 +237,9 @@ class Windows:
         self.plans = plans
         self.read = read
         self.native = NativeBooks()
+        # Period states as of the last commit, decoded (a failed transaction drops the task and
+        # this with it, so it never holds an uncommitted change past its close).
+        self.periods: dict[bytes, PeriodState] = {}
         self.core = WindowCore(
             size=config.size,
             grace=config.grace,
@@ -287,20 +300,46 @@ class _Closing:
         self.windows = windows
         self.result = result
         self.rated_at = rated_at
-        self.states: dict[bytes, LinearPeriod | SegmentedPeriod | PeriodFees] = {}
+        self.states: dict[bytes, PeriodState] = {}
         self.fee_periods: dict[tuple[str, int], int] = {}  # (account, period start) -> horizon
+        self.decimals: dict[str | None, int] = {}
 
-    def _state(self, key: bytes, kind: type[S]) -> S:
-        found = self.states.get(key)
+    def _state(self, key: bytes, kind: type[S]) -> PeriodState:
+        """A period state: this close's, the last commit's (decoded), or the store's."""
+        found = self.states.get(key) or self.windows.periods.get(key)
         if found is None:
             raw = _get(self.result.changes, key, self.windows.read)
-            found = self.states[key] = _decoders[kind].decode(raw) if raw else kind()
-        assert isinstance(found, kind)
+            stored = _decoders[kind].decode(raw) if raw else kind()
+            found = Linear(stored) if isinstance(stored, LinearPeriod) else stored
+        self.states[key] = found
+        return found
+
+    def _linear(self, key: bytes) -> Linear:
+        found = self.states.get(key) or self.windows.periods.get(key)
+        if found is None:
+            raw = _get(self.result.changes, key, self.windows.read)
+            found = Linear(_decoders[LinearPeriod].decode(raw) if raw else LinearPeriod())
+        self.states[key] = found
+        assert type(found) is Linear
+        return found
+
+    def _segments(self, key: bytes) -> SegmentedPeriod:
+        found = self._state(key, SegmentedPeriod)
+        assert isinstance(found, SegmentedPeriod)
+        return found
+
+    def _fees(self, key: bytes) -> PeriodFees:
+        found = self._state(key, PeriodFees)
+        assert isinstance(found, PeriodFees)
         return found
 
     def write(self) -> None:
+        periods = self.windows.periods
+        if len(periods) + len(self.states) > PERIOD_CACHE_SIZE:
+            periods.clear()
         for key, state in self.states.items():
-            self.result.changes[key] = _codec.encode(state)
+            self.result.changes[key] = _codec.encode(state.state() if isinstance(state, Linear) else state)
+            periods[key] = state
 
     def rate(self, key: WindowKey, tally: Tally) -> None:
         account, meter, dims, start = key
@@ -308,43 +347,50 @@ class _Closing:
         previous = _get(self.result.changes, closed_key, self.windows.read)
         before = _tally_decoder.decode(previous) if previous else None
         revision = before.revision + 1 if before else 0
-        book = self.windows.book(tally.book) or self.windows.plans.default_book
-        decimals = book.token.decimals
+        charged = before.charged if before else 0
+        decimals = self._decimals(tally.book)
         period = period_of(start)
-        if is_period_meter(meter):
+        per = divisor(meter)
+        if per == 1:  # a period meter
             line = self._period_line(key, tally, revision, period, decimals)
             if line is None:
-                return  # dead-lettered: not part of the window's totals
+                # Dead-lettered: nothing charged, but the revision is used, so a later adjustment
+                # of the window that cannot be priced either gets an identity of its own.
+                empty = Tally(0, _ZERO, tally.unit, tally.version, book=tally.book, since=tally.since)
+                used = msgspec.structs.replace(before or empty, revision=revision)
+                self.result.changes[closed_key] = _codec.encode(used)
+                return
             fee = 0
+            quantity = Decimal(tally.quantity)
+            unit_price = (Decimal(line).scaleb(-decimals) / quantity).quantize(UNIT_PRICE_PLACES)
         else:
-            state = self._state(state_key(LINEAR, (account, meter, dims, period[0])), LinearPeriod)
-            line, fee = state.charge(tally.exact() / divisor(meter), decimals, tally.fee_percent)
-        quantity = (
-            Decimal(tally.quantity) / divisor(meter) if divisor(meter) != 1 else Decimal(tally.quantity)
-        )
-        money = Decimal(line).scaleb(-decimals)
-        unit_price = (money / quantity).quantize(UNIT_PRICE_PLACES) if quantity else _ZERO
-        if not is_period_meter(meter) and tally.quantity:
+            state = self._linear(state_key(LINEAR, (account, meter, dims, period[0])))
+            rest = tally.rest() if tally.fractions else _NO_REST
+            line, fee = state.charge(tally.amount, rest, per, decimals, tally.fee_percent)
+            quantity = Decimal(tally.quantity) / per
             # A time meter's window has its own exact price: its amount over its quantity.
-            exact = tally.exact() / Fraction(tally.quantity)
-            unit_price = (Decimal(exact.numerator) / Decimal(exact.denominator)).quantize(UNIT_PRICE_PLACES)
+            if not tally.quantity:
+                unit_price = _ZERO
+            elif tally.fractions:
+                exact = (Fraction(tally.amount) + rest) / Fraction(tally.quantity)
+                unit_price = Decimal(exact.numerator) / Decimal(exact.denominator)
+            else:
+                unit_price = tally.amount / tally.quantity
+            unit_price = unit_price.quantize(UNIT_PRICE_PLACES)
         self.result.charges.append(
             _charge(key, revision, tally.unit, quantity, unit_price, line, tally, fee, self.rated_at)
         )
-        closed = Tally(
-            tally.quantity + (before.quantity if before else 0),
-            tally.amount + (before.amount if before else _ZERO),
-            tally.unit,
-            tally.version,
-            tally.provider,
-            revision,
-            (before.charged if before else 0) + line,
-            tally.book,
-            tally.since,
-            tally.fee_percent,
-            [*(before.fractions if before else []), *tally.fractions],
-        )
+        # The window's last revision and what its revisions charged, with its latest usage.
+        closed = msgspec.structs.replace(tally, revision=revision, charged=charged + line)
         self.result.changes[closed_key] = _codec.encode(closed)
+
+    def _decimals(self, book: str | None) -> int:
+        """The base units of the token a window's book charges in."""
+        found = self.decimals.get(book)
+        if found is None:
+            priced = self.windows.book(book) or self.windows.plans.default_book
+            found = self.decimals[book] = priced.token.decimals
+        return found
 
     def _period_line(
         self, key: WindowKey, tally: Tally, revision: int, period: tuple[int, int], decimals: int
@@ -354,7 +400,7 @@ class _Closing:
         be found any more (its usage is dead-lettered, replayable)."""
         account, meter, dims, start = key
         scope = "api_overage" if meter == "api_overage" else meter  # requests count across tiers
-        state = self._state(state_key(SEGMENTS, (account, scope, (), period[0])), SegmentedPeriod)
+        state = self._segments(state_key(SEGMENTS, (account, scope, (), period[0])))
         if not any(s.since == tally.since for s in state.segments):
             pricing = self._pricing(meter, dims, tally)
             if isinstance(pricing, str):
@@ -423,7 +469,7 @@ class _Closing:
         was charged before (a plan history corrected later credits the difference)."""
         plans = self.windows.plans
         for (account, start), horizon in self.fee_periods.items():
-            state = self._state(state_key(FEES, (account, "api_fee", (), start)), PeriodFees)
+            state = self._fees(state_key(FEES, (account, "api_fee", (), start)))
             state.horizon = max(state.horizon, horizon)
             end = period_of(start)[1]
             owed: dict[str, tuple[Fraction, Decimal, str, int]] = {}

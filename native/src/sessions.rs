@@ -10,8 +10,11 @@
 //!
 //! Both are msgpack arrays (`agents.window.GpuSession` and `SessionSide` read them in Python).
 
-use crate::decimal::{text, wide_text, Arith, Dec, Wide};
+use crate::decimal::{exact_text, text, Arith, Dec, Exact};
 use crate::msgpack::{self, Reader, Value};
+
+/// A GPU session in memory: (account, session id), interned.
+pub type SessionId = (u32, u32);
 
 /// Where a GPU session's latest heartbeat (or its rounding) was metered: the window's start and
 /// dimensions, and what rated it.
@@ -32,13 +35,15 @@ pub struct GpuWindow {
 pub struct Rounding {
     pub seconds: i64,
     pub gpu_count: i64,
-    pub numerator: Wide,
+    pub numerator: Exact,
     pub denominator: Dec,
     pub window: GpuWindow,
 }
 
 #[derive(Clone, Debug)]
 pub struct GpuSession {
+    /// Its state key (`\x00g` + msgpack [account, session id]); not part of the value.
+    pub key: Vec<u8>,
     /// Seconds of the session's heartbeats (their intervals), exact.
     pub seconds: i64,
     /// The latest heartbeat, by event time then identity: when, its identity, its interval and
@@ -47,7 +52,7 @@ pub struct GpuSession {
     pub last_identity: Vec<u8>,
     pub last_interval: i64,
     pub gpu_count: i64,
-    pub numerator: Wide,
+    pub numerator: Exact,
     pub denominator: Dec,
     pub window: GpuWindow,
     /// The price book's billing granularity and minimum session at that heartbeat, in seconds.
@@ -57,7 +62,65 @@ pub struct GpuSession {
     pub rounding: Option<Rounding>,
 }
 
+impl GpuWindow {
+    /// Point at another window, reusing the strings' buffers (a heartbeat a minute moves only
+    /// `start`: no allocation on the hot path).
+    #[allow(clippy::too_many_arguments)] // one per field
+    pub fn set(
+        &mut self,
+        start: i64,
+        model: &str,
+        provider: &str,
+        version: &str,
+        book: &str,
+        since: i64,
+        fee_percent: Option<Dec>,
+    ) {
+        self.start = start;
+        for (field, value) in [
+            (&mut self.model, model),
+            (&mut self.provider, provider),
+            (&mut self.version, version),
+            (&mut self.book, book),
+        ] {
+            if field != value {
+                field.clear();
+                field.push_str(value);
+            }
+        }
+        self.since = since;
+        self.fee_percent = fee_percent;
+    }
+}
+
 impl GpuSession {
+    /// A session not seen before, under its state key.
+    pub fn new(key: Vec<u8>, zero: Exact, one: Dec) -> GpuSession {
+        GpuSession {
+            key,
+            seconds: 0,
+            last_us: i64::MIN,
+            last_identity: Vec::new(),
+            last_interval: 0,
+            gpu_count: 1,
+            numerator: zero,
+            denominator: one,
+            window: GpuWindow {
+                start: 0,
+                model: String::new(),
+                provider: String::new(),
+                version: String::new(),
+                book: String::new(),
+                since: 0,
+                fee_percent: None,
+            },
+            granularity: 1,
+            minimum: 0,
+            ended: false,
+            rounding: None,
+        }
+    }
+
     /// The rounding this session owes once ended: its time up to the granularity, at least the
     /// minimum, at its latest rate; None when there is nothing to add.
     pub fn owed_rounding(&self) -> Option<Rounding> {
@@ -84,7 +147,7 @@ impl GpuSession {
         msgpack::write_bin(&mut out, &self.last_identity);
         int(&mut out, self.last_interval);
         int(&mut out, self.gpu_count);
-        msgpack::write_str(&mut out, &wide_text(&self.numerator));
+        msgpack::write_str(&mut out, &exact_text(&self.numerator));
         msgpack::write_str(&mut out, &text(&self.denominator));
         write_window(&mut out, &self.window);
         int(&mut out, self.granularity);
@@ -96,7 +159,7 @@ impl GpuSession {
                 msgpack::write_array_len(&mut out, 5);
                 int(&mut out, r.seconds);
                 int(&mut out, r.gpu_count);
-                msgpack::write_str(&mut out, &wide_text(&r.numerator));
+                msgpack::write_str(&mut out, &exact_text(&r.numerator));
                 msgpack::write_str(&mut out, &text(&r.denominator));
                 write_window(&mut out, &r.window);
             }
@@ -105,7 +168,7 @@ impl GpuSession {
         out
     }
 
-    pub fn decode(raw: &[u8], arith: &mut Arith) -> Option<GpuSession> {
+    pub fn decode(key: Vec<u8>, raw: &[u8], arith: &mut Arith) -> Option<GpuSession> {
         let mut r = Reader::new(raw);
         if r.array()? < 12 {
             return None;
@@ -118,7 +181,7 @@ impl GpuSession {
         };
         let last_interval = read_i64(&mut r)?;
         let gpu_count = read_i64(&mut r)?;
-        let numerator = arith.wide_parse(r.str()?)?;
+        let numerator = arith.exact_parse(r.str()?)?;
         let denominator = arith.parse(r.str()?)?;
         let window = read_window(&mut r, arith)?;
         let granularity = read_i64(&mut r)?;
@@ -129,13 +192,14 @@ impl GpuSession {
             Value::Array(5) => Some(Rounding {
                 seconds: read_i64(&mut r)?,
                 gpu_count: read_i64(&mut r)?,
-                numerator: arith.wide_parse(r.str()?)?,
+                numerator: arith.exact_parse(r.str()?)?,
                 denominator: arith.parse(r.str()?)?,
                 window: read_window(&mut r, arith)?,
             }),
             _ => return None,
         };
         Some(GpuSession {
+            key,
             seconds,
             last_us,
             last_identity,
@@ -255,12 +319,13 @@ mod tests {
     fn session(seconds: i64, granularity: i64, minimum: i64) -> GpuSession {
         let mut arith = Arith::new();
         GpuSession {
+            key: Vec::new(),
             seconds,
             last_us: 1_000_000,
             last_identity: b"s\0e1".to_vec(),
             last_interval: 20,
             gpu_count: 1,
-            numerator: arith.wide_of_i128(1),
+            numerator: arith.exact_of_i128(1),
             denominator: arith.of_u64(1),
             window: GpuWindow {
                 start: 60,
@@ -296,7 +361,7 @@ mod tests {
         let mut arith = Arith::new();
         let mut s = session(61, 60, 60);
         s.rounding = s.owed_rounding();
-        let back = GpuSession::decode(&s.encode(), &mut arith).unwrap();
+        let back = GpuSession::decode(Vec::new(), &s.encode(), &mut arith).unwrap();
         assert_eq!(back.encode(), s.encode());
         let c = ComputeSession {
             started_at: Some(10),

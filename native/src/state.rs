@@ -12,7 +12,7 @@ use std::cmp::Ordering;
 
 use rustc_hash::FxHashMap;
 
-use crate::decimal::{text, wide_text, Arith, Dec, Wide};
+use crate::decimal::{exact_text, text, wide_text, Arith, Dec, Exact, Wide};
 use crate::msgpack::{self, Reader, Value};
 
 pub const OPEN: &[u8] = b"\x00o";
@@ -91,7 +91,7 @@ pub struct Key {
 #[derive(Clone, Copy, Debug)]
 pub enum Qty {
     Int(i128),
-    Dec(Wide),
+    Dec(Exact),
 }
 
 /// A window's usage so far: its quantity and exact amount (the part over denominator 1 in
@@ -102,7 +102,7 @@ pub enum Qty {
 #[derive(Clone, Debug)]
 pub struct Tally {
     pub quantity: Qty,
-    pub amount: Wide,
+    pub amount: Exact,
     pub unit: u32,
     pub version: u32,
     pub provider: Option<u32>,
@@ -119,8 +119,8 @@ pub struct Part {
     pub meter: u32,
     pub dims: u32,
     pub quantity: Qty,
-    pub amount: Wide,
-    pub fraction: Option<(Dec, Wide)>, // amount over a denominator other than 1
+    pub amount: Exact,
+    pub fraction: Option<Box<(Dec, Wide)>>, // amount over a denominator other than 1 (rare)
     pub unit: u32,
     pub provider: Option<u32>,
     pub fee_percent: Option<Dec>,
@@ -128,7 +128,7 @@ pub struct Part {
 
 impl Tally {
     /// An empty window counting in ints for a counted meter, in decimals else.
-    pub fn empty(part: &Part, version: u32, book: u32, since: i64, zero: Wide) -> Tally {
+    pub fn empty(part: &Part, version: u32, book: u32, since: i64, zero: Exact) -> Tally {
         let quantity = match part.quantity {
             Qty::Int(_) => Qty::Int(0),
             Qty::Dec(_) => Qty::Dec(zero),
@@ -152,14 +152,15 @@ impl Tally {
     pub fn add(&mut self, arith: &mut Arith, part: &Part) {
         self.quantity = match (self.quantity, part.quantity) {
             (Qty::Int(a), Qty::Int(b)) => Qty::Int(a + b),
-            (Qty::Dec(a), Qty::Dec(b)) => Qty::Dec(arith.wide_add(&a, &b)),
+            (Qty::Dec(a), Qty::Dec(b)) => Qty::Dec(arith.exact_add(&a, &b)),
             (Qty::Dec(a), Qty::Int(b)) | (Qty::Int(b), Qty::Dec(a)) => {
-                let whole = arith.wide_of_i128(b);
-                Qty::Dec(arith.wide_add(&a, &whole))
+                let whole = arith.exact_of_i128(b);
+                Qty::Dec(arith.exact_add(&a, &whole))
             }
         };
-        self.amount = arith.wide_add(&self.amount, &part.amount);
-        if let Some((denominator, numerator)) = &part.fraction {
+        self.amount = arith.exact_add(&self.amount, &part.amount);
+        if let Some(pair) = &part.fraction {
+            let (denominator, numerator) = &**pair;
             let same = self
                 .fractions
                 .iter()
@@ -219,9 +220,9 @@ pub fn encode_tally(names: &Names, tally: &Tally) -> Option<Vec<u8>> {
     msgpack::write_array_len(&mut out, 11);
     match &tally.quantity {
         Qty::Int(v) => msgpack::write_int(&mut out, *v)?,
-        Qty::Dec(v) => msgpack::write_str(&mut out, &wide_text(v)),
+        Qty::Dec(v) => msgpack::write_str(&mut out, &exact_text(v)),
     }
-    msgpack::write_str(&mut out, &wide_text(&tally.amount));
+    msgpack::write_str(&mut out, &exact_text(&tally.amount));
     msgpack::write_str(&mut out, names.get(tally.unit));
     msgpack::write_str(&mut out, names.get(tally.version));
     let write_name = |out: &mut Vec<u8>, id: Option<u32>| match id {
@@ -280,10 +281,10 @@ pub fn decode_tally(names: &mut Names, arith: &mut Arith, raw: &[u8]) -> Option<
     }
     let quantity = match r.value()? {
         Value::Int(v) => Qty::Int(v),
-        Value::Str(s) => Qty::Dec(arith.wide_parse(s)?),
+        Value::Str(s) => Qty::Dec(arith.exact_parse(s)?),
         _ => return None,
     };
-    let amount = arith.wide_parse(r.str()?)?;
+    let amount = arith.exact_parse(r.str()?)?;
     let unit = names.id(r.str()?);
     let version = names.id(r.str()?);
     let mut tally = Tally {

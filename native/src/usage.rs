@@ -11,10 +11,12 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use rustc_hash::FxHashMap;
 
-use crate::decimal::{Dec, Wide};
+use dec::{Context, Decimal};
+
+use crate::decimal::{Dec, Exact, Wide};
 use crate::event::{api, gpu, session, storage, Event, Kind};
 use crate::msgpack;
-use crate::sessions::{ComputeSession, GpuSession, GpuWindow};
+use crate::sessions::{ComputeSession, GpuSession};
 use crate::spec::{Book, Plan, PlanHistory, Version};
 use crate::state::{Key, Names, Part, Qty, GPU_SESSION, SESSION};
 use crate::time::floor_seconds;
@@ -61,6 +63,88 @@ impl Vocabulary {
         self.derived.insert((prefix, name_id), id);
         id
     }
+}
+
+/// What prices one GPU heartbeat: the book's rates for its model and provider, and the event's
+/// quantities.
+struct GpuInputs {
+    base: Dec,
+    allocated: Dec,
+    total: Dec,
+    power: Dec,
+    power_rate: Dec,
+    vram_rate: Option<Dec>, // per GB-hour pricing
+    demand: Dec,
+    floor: Option<Dec>, // the provider's minimum hourly rate
+    count: u64,
+    interval: u64,
+}
+
+/// A heartbeat's hourly rate for all its GPUs as numerator / denominator (a VRAM share that does
+/// not come out even, such as 10 of 24 GB, stays a fraction: (base x allocated + watts x total) /
+/// total), times demand, floored at the provider's minimum; and its amount (rate x seconds). In
+/// any width: the caller reads the context's inexact flag.
+fn gpu_rate<const N: usize>(
+    cx: &mut Context<Decimal<N>>,
+    i: &GpuInputs,
+    one: Dec,
+) -> (Decimal<N>, Dec, Decimal<N>) {
+    let equal = |cx: &mut Context<Decimal<N>>, a: &Decimal<N>, b: &Dec| {
+        cx.partial_cmp(a, b) == Some(std::cmp::Ordering::Equal)
+    };
+    let mut watts = cx.to_width(i.power);
+    cx.mul(&mut watts, &i.power_rate);
+    let (mut numerator, mut denominator) = if let Some(vram_rate) = &i.vram_rate {
+        let mut compute = cx.to_width(i.allocated);
+        cx.mul(&mut compute, vram_rate);
+        cx.add(&mut compute, &watts);
+        (compute, one)
+    } else if !i.total.is_zero() {
+        // The share of the card, when it comes out even (12 of 24 GB, 20 of 80: nearly always);
+        // else (base x allocated + watts x total) over the total.
+        let status = cx.status();
+        cx.clear_status();
+        let mut share = cx.to_width(i.allocated);
+        cx.div(&mut share, &i.total);
+        let even = !cx.status().inexact();
+        cx.set_status(status);
+        let mut compute = cx.to_width(i.base);
+        if even {
+            cx.mul(&mut compute, &share);
+            cx.add(&mut compute, &watts);
+            (compute, one)
+        } else {
+            cx.mul(&mut compute, &i.allocated);
+            cx.mul(&mut watts, &i.total);
+            cx.add(&mut compute, &watts);
+            (compute, i.total)
+        }
+    } else {
+        let mut compute = cx.to_width(i.base);
+        cx.add(&mut compute, &watts);
+        (compute, one)
+    };
+    let demand = cx.to_width(i.demand);
+    if !equal(cx, &demand, &one) {
+        cx.mul(&mut numerator, &i.demand);
+    }
+    if let Some(floor) = i.floor.filter(|f| !f.is_zero()) {
+        // max(rate, floor): floor x denominator against the numerator.
+        let mut scaled = cx.to_width(floor);
+        cx.mul(&mut scaled, &denominator);
+        if cx.partial_cmp(&scaled, &numerator) == Some(std::cmp::Ordering::Greater) {
+            (numerator, denominator) = (cx.to_width(floor), one);
+        }
+    }
+    let mut rate = numerator;
+    if i.count != 1 {
+        let count = cx.from_u64(i.count);
+        cx.mul(&mut rate, &count);
+    }
+    let mut amount = rate;
+    let seconds = cx.from_u64(i.interval);
+    cx.mul(&mut amount, &seconds);
+    (rate, denominator, amount)
 }
 
 /// The plan and price-book version in force at one moment, and the window they put it in.
@@ -110,7 +194,25 @@ impl WindowCore {
         })
     }
 
+    /// The interned (version label, book name) of a rating, once per version and book.
+    fn rated_ids(&mut self, rated: &Rated) -> (u32, u32) {
+        let address = (
+            Arc::as_ptr(&rated.version) as usize,
+            Arc::as_ptr(&rated.book) as usize,
+        );
+        if let Some(&ids) = self.rated_ids.get(&address) {
+            return ids;
+        }
+        let ids = (
+            self.names.id(&rated.version.label),
+            self.names.id(&rated.book.name),
+        );
+        self.rated_ids.insert(address, ids);
+        ids
+    }
+
     fn placed(&mut self, rated: &Rated, account: u32, start: i64, part: Part) -> Placed {
+        let (version, book) = self.rated_ids(rated);
         Placed {
             key: Key {
                 account,
@@ -119,19 +221,20 @@ impl WindowCore {
                 start,
             },
             part,
-            version: self.names.id(&rated.version.label),
-            book: self.names.id(&rated.book.name),
+            version,
+            book,
             since: rated.since,
         }
     }
 
     /// An amount over `denominator` as a part's (amount, fraction): over 1, the amount itself.
-    fn over(&mut self, numerator: Wide, denominator: Dec) -> (Wide, Option<(Dec, Wide)>) {
+    fn over(&mut self, numerator: Exact, denominator: Dec) -> (Exact, Option<Box<(Dec, Wide)>>) {
         let one = self.arith.of_u64(1);
         if self.arith.cmp(&denominator, &one).is_eq() {
             (numerator, None)
         } else {
-            (self.zero, Some((denominator, numerator)))
+            let wide = self.arith.wide_of(&numerator);
+            (self.zero, Some(Box::new((denominator, wide))))
         }
     }
 
@@ -184,52 +287,42 @@ impl WindowCore {
         };
         let moment = floor_seconds(event.time_us);
         let zero = self.arith.of_u64(0);
-        let total = event.dec(gpu::VRAM_TOTAL).unwrap_or(zero);
-        let allocated = event.dec(gpu::VRAM_ALLOCATED).unwrap_or(zero);
-        let power = event.dec(gpu::POWER).unwrap_or(zero);
-        let arith = &mut self.arith;
-        // The hourly rate as numerator / denominator: (base x allocated + watts x power rate x
-        // total) / total for a VRAM share, so nothing is divided before the charge is made.
-        let watts = arith.mul_wide(&power, &rates.power_rate_per_watt_hour);
-        let one = arith.of_u64(1);
-        let (mut numerator, denominator) = if rates.per_gb_hour {
-            let vram = rates.vram_rate_per_gb_hour.unwrap_or(zero);
-            let compute = arith.mul_wide(&allocated, &vram);
-            (arith.wide_add(&compute, &watts), one)
-        } else if arith.cmp(&total, &zero).is_gt() {
-            let compute = arith.mul_wide(&rates.base_rate_per_hour[&*model], &allocated);
-            let total_wide = arith.widen(&total);
-            let watts_share = arith.wide_mul(&watts, &total_wide);
-            (arith.wide_add(&compute, &watts_share), total)
-        } else {
-            let base = arith.widen(&rates.base_rate_per_hour[&*model]);
-            (arith.wide_add(&base, &watts), one)
+        let one = self.arith.of_u64(1);
+        let inputs = GpuInputs {
+            base: rates.base_rate_per_hour[&*model],
+            allocated: event.dec(gpu::VRAM_ALLOCATED).unwrap_or(zero),
+            total: event.dec(gpu::VRAM_TOTAL).unwrap_or(zero),
+            power: event.dec(gpu::POWER).unwrap_or(zero),
+            power_rate: rates.power_rate_per_watt_hour,
+            vram_rate: rates
+                .per_gb_hour
+                .then(|| rates.vram_rate_per_gb_hour.unwrap_or(zero)),
+            demand: rates.demand_at(moment, &model),
+            floor: rates.provider_minimum_per_hour.get(&*provider).copied(),
+            count: event.int(gpu::GPU_COUNT).unwrap_or(1),
+            interval: event.int(gpu::INTERVAL).unwrap_or(0),
         };
-        let demand = rates.demand_at(moment, &model);
-        if arith.cmp(&demand, &one).is_ne() {
-            let demand = arith.widen(&demand);
-            numerator = arith.wide_mul(&numerator, &demand);
-        }
-        let mut denominator = denominator;
-        if let Some(floor) = rates.provider_minimum_per_hour.get(&*provider) {
-            // max(rate, floor): floor x denominator against the numerator.
-            let floor_wide = arith.widen(floor);
-            let scaled = arith.mul_wide(floor, &denominator);
-            if !floor.is_zero() && arith.wide_cmp(&scaled, &numerator).is_gt() {
-                (numerator, denominator) = (floor_wide, one);
+        let (count, interval) = (
+            i64::try_from(inputs.count).unwrap_or(1),
+            i64::try_from(inputs.interval).unwrap_or(0),
+        );
+        let arith = &mut self.arith;
+        arith.narrow.clear_status();
+        let narrow = gpu_rate(&mut arith.narrow, &inputs, one);
+        let (rate, denominator, amount) = if arith.narrow.status().inexact() {
+            // Beyond 36 digits: the same, exactly, in the wide type.
+            arith.wide.clear_status();
+            let (rate, denominator, amount) = gpu_rate(&mut arith.wide, &inputs, one);
+            if arith.wide.status().inexact() {
+                return Ok(Err(Refusal::Unpriced(
+                    "the heartbeat's amount exceeds exact arithmetic (180 digits)".into(),
+                )));
             }
-        }
-        let count = i64::try_from(event.int(gpu::GPU_COUNT).unwrap_or(1)).unwrap_or(1);
-        let interval = i64::try_from(event.int(gpu::INTERVAL).unwrap_or(0)).unwrap_or(0);
-        let count_wide = arith.wide_of_i128(i128::from(count));
-        let rate = arith.wide_mul(&numerator, &count_wide);
-        let seconds = arith.wide_of_i128(i128::from(interval));
-        let amount = arith.wide_mul(&rate, &seconds);
-        if !arith.wide_was_exact() {
-            return Ok(Err(Refusal::Unpriced(
-                "the heartbeat's amount exceeds exact arithmetic (180 digits)".into(),
-            )));
-        }
+            (Exact::Wide(rate), denominator, Exact::Wide(amount))
+        } else {
+            let (rate, denominator, amount) = narrow;
+            (Exact::Narrow(rate), denominator, Exact::Narrow(amount))
+        };
         let (model_id, provider_id) = (self.names.id(&model), self.names.id(&provider));
         let v = &self.vocabulary;
         let dims = self
@@ -249,74 +342,67 @@ impl WindowCore {
         let mut placed = vec![self.placed(rated, account, rated.start, part)];
         // The session: its time so far, its latest heartbeat, its rounding once ended.
         let session_id = event.str(gpu::SESSION_ID).unwrap_or_default();
-        let key = session_key(GPU_SESSION, &event.subject, &session_id);
-        let mut session = match self.gpu.remove(&key) {
-            Some(session) => session,
-            None => self
-                .stored_session(py, &key)?
-                .unwrap_or_else(|| GpuSession {
-                    seconds: 0,
-                    last_us: i64::MIN,
-                    last_identity: Vec::new(),
-                    last_interval: 0,
-                    gpu_count: 1,
-                    numerator: self.zero,
-                    denominator: one,
-                    window: GpuWindow {
-                        start: 0,
-                        model: String::new(),
-                        provider: String::new(),
-                        version: String::new(),
-                        book: String::new(),
-                        since: 0,
-                        fee_percent: None,
-                    },
-                    granularity: 1,
-                    minimum: 0,
-                    ended: false,
-                    rounding: None,
-                }),
-        };
-        let identity = [event.source.as_bytes(), b"\0", event.id.as_bytes()].concat();
+        let id = (account, self.names.id(&session_id));
+        if !self.gpu.contains_key(&id) {
+            let key = session_key(GPU_SESSION, &event.subject, &session_id);
+            let session = match self.stored_session(py, key.clone())? {
+                Some(session) => session,
+                None => GpuSession::new(key, self.zero, one),
+            };
+            self.gpu.insert(id, session);
+        }
+        let session = self.gpu.get_mut(&id).expect("inserted above");
         session.seconds += interval;
-        if (event.time_us, identity.as_slice())
-            > (session.last_us, session.last_identity.as_slice())
-        {
+        let later = match event.time_us.cmp(&session.last_us) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => {
+                let identity = [event.source.as_bytes(), b"\0", event.id.as_bytes()].concat();
+                identity > session.last_identity
+            }
+        };
+        if later {
             session.last_us = event.time_us;
-            session.last_identity = identity;
+            session.last_identity.clear();
+            session
+                .last_identity
+                .extend_from_slice(event.source.as_bytes());
+            session.last_identity.push(0);
+            session.last_identity.extend_from_slice(event.id.as_bytes());
             session.last_interval = interval;
             session.gpu_count = count;
             session.numerator = rate;
             session.denominator = denominator;
-            session.window = GpuWindow {
-                start: rated.start,
-                model: model.into_owned(),
-                provider: provider.into_owned(),
-                version: rated.version.label.clone(),
-                book: rated.book.name.clone(),
-                since: rated.since,
-                fee_percent: Some(rates.platform_fee_percent),
-            };
+            session.window.set(
+                rated.start,
+                &model,
+                &provider,
+                &rated.version.label,
+                &rated.book.name,
+                rated.since,
+                Some(rates.platform_fee_percent),
+            );
             session.granularity = rates.billing_granularity_seconds;
             session.minimum = rates.minimum_session_seconds;
         }
-        let owed = session.owed_rounding();
-        let before = std::mem::replace(&mut session.rounding, owed.clone());
-        placed.extend(self.rounding_parts(account, before.as_ref(), owed.as_ref()));
-        self.gpu.insert(key.clone(), session);
-        self.gpu_dirty.insert(key);
+        if session.ended || session.rounding.is_some() {
+            let owed = session.owed_rounding();
+            let before = std::mem::replace(&mut session.rounding, owed.clone());
+            placed.extend(self.rounding_parts(account, before.as_ref(), owed.as_ref()));
+        }
+        self.gpu_dirty.insert(id);
         Ok(Ok(placed))
     }
 
-    fn stored_session(&mut self, py: Python<'_>, key: &[u8]) -> PyResult<Option<GpuSession>> {
+    fn stored_session(&mut self, py: Python<'_>, key: Vec<u8>) -> PyResult<Option<GpuSession>> {
         let raw: Option<Vec<u8>> = self
             .read
             .bind(py)
-            .call1((PyBytes::new(py, key),))?
+            .call1((PyBytes::new(py, &key),))?
             .extract()?;
         match raw.filter(|r| !r.is_empty()) {
             None => Ok(None),
-            Some(raw) => GpuSession::decode(&raw, &mut self.arith)
+            Some(raw) => GpuSession::decode(key, &raw, &mut self.arith)
                 .map(Some)
                 .ok_or_else(|| {
                     pyo3::exceptions::PyValueError::new_err("unreadable GPU session in the store")
@@ -403,14 +489,12 @@ impl WindowCore {
             return Err(Refusal::Unpriced(detail));
         };
         let zero = self.arith.of_u64(0);
-        let gb = event.dec(storage::GB).unwrap_or(zero);
+        let gb = Exact::Narrow(event.dec(storage::GB).unwrap_or(zero));
         let duration = event.int(storage::DURATION).unwrap_or(0);
         let arith = &mut self.arith;
-        let duration = arith.wide_of_i128(i128::from(duration));
-        let gb = arith.widen(&gb);
-        let gb_seconds = arith.wide_mul(&gb, &duration);
-        let price = arith.widen(&per_gb_month);
-        let amount = arith.wide_mul(&gb_seconds, &price);
+        let duration = arith.exact_of_i128(i128::from(duration));
+        let gb_seconds = arith.exact_mul(&gb, &duration);
+        let amount = arith.exact_mul(&gb_seconds, &Exact::Narrow(per_gb_month));
         if !arith.wide_was_exact() {
             return Err(Refusal::Unpriced(
                 "the storage amount exceeds exact arithmetic (180 digits)".into(),
@@ -560,8 +644,8 @@ impl WindowCore {
                     return Err(Refusal::Unpriced(detail));
                 };
                 let seconds = next - at;
-                let quantity = self.arith.wide_of_i128(i128::from(seconds));
-                let amount = self.arith.mul_wide(&rate, &quantity);
+                let quantity = self.arith.exact_of_i128(i128::from(seconds));
+                let amount = self.arith.exact_mul(&Exact::Narrow(rate), &quantity);
                 let meter = self.vocabulary.meter(&mut self.names, 2, tier);
                 let part = Part {
                     meter,
@@ -589,20 +673,20 @@ impl WindowCore {
         subject: &str,
         session_id: &str,
     ) -> PyResult<Vec<Placed>> {
-        let key = session_key(GPU_SESSION, subject, session_id);
-        let mut session = match self.gpu.remove(&key) {
-            Some(session) => session,
-            None => match self.stored_session(py, &key)? {
-                Some(session) => session,
+        let id = (account, self.names.id(session_id));
+        if !self.gpu.contains_key(&id) {
+            let key = session_key(GPU_SESSION, subject, session_id);
+            match self.stored_session(py, key)? {
+                Some(session) => self.gpu.insert(id, session),
                 None => return Ok(Vec::new()), // no heartbeat yet: its idle end will round it
-            },
-        };
+            };
+        }
+        let session = self.gpu.get_mut(&id).expect("inserted above");
         session.ended = true;
         let owed = session.owed_rounding();
         let before = std::mem::replace(&mut session.rounding, owed.clone());
         let placed = self.rounding_parts(account, before.as_ref(), owed.as_ref());
-        self.gpu.insert(key.clone(), session);
-        self.gpu_dirty.insert(key);
+        self.gpu_dirty.insert(id);
         Ok(placed)
     }
 }

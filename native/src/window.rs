@@ -17,9 +17,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::decimal::{Arith, Wide};
+use crate::decimal::{Arith, Exact};
 use crate::event::{read_normalized, Event};
-use crate::sessions::{GpuSession, Rounding};
+use crate::sessions::{GpuSession, Rounding, SessionId};
 use crate::spec::{history, PlanHistory, PlanSpec};
 use crate::state::{self, DimsTable, Key, Names, Part, Qty, Tally, WATERMARK};
 use crate::time::{floor_seconds, isoformat};
@@ -76,16 +76,19 @@ pub struct WindowCore {
     /// Compute sessions whose record this poll changed: state key -> record.
     pub(crate) compute: FxHashMap<Vec<u8>, Vec<u8>>,
     /// GPU sessions in memory (every one still running, and the ended ones this poll touched):
-    /// state key -> session; `gpu_dirty` lists the changed ones.
-    pub(crate) gpu: FxHashMap<Vec<u8>, GpuSession>,
-    pub(crate) gpu_dirty: FxHashSet<Vec<u8>>,
+    /// (account, session id) -> session; `gpu_dirty` lists the changed ones.
+    pub(crate) gpu: FxHashMap<SessionId, GpuSession>,
+    pub(crate) gpu_dirty: FxHashSet<SessionId>,
+    /// Interned (version label, book name) per (version, book) of this generation's plans, by
+    /// address: cleared with the plans, whose values hold those addresses alive.
+    pub(crate) rated_ids: FxHashMap<(usize, usize), (u32, u32)>,
     pub(crate) watermark: i64,
     pub(crate) stored_watermark: i64,
     /// Plan histories read from the plan directory, by account id, for its `generation`.
     pub(crate) plans: FxHashMap<u32, Arc<PlanHistory>>,
     pub(crate) plans_generation: i64,
     pub(crate) arith: Arith,
-    pub(crate) zero: Wide,
+    pub(crate) zero: Exact,
     /// Interned names after the last compaction: names of windows long closed are dropped once
     /// the table has doubled (and grown by 100,000) since, so memory follows the live windows.
     pub(crate) live_names: usize,
@@ -190,7 +193,7 @@ impl WindowCore {
                 a.seconds == b.seconds
                     && a.gpu_count == b.gpu_count
                     && a.window == b.window
-                    && self.arith.wide_cmp(&a.numerator, &b.numerator).is_eq()
+                    && self.arith.exact_cmp(&a.numerator, &b.numerator).is_eq()
                     && self.arith.cmp(&a.denominator, &b.denominator).is_eq()
             }
             _ => false,
@@ -209,13 +212,14 @@ impl WindowCore {
 
     fn rounding_part(&mut self, account: u32, r: &Rounding, sign: i64) -> Placed {
         let w = &r.window;
-        let seconds = self.arith.wide_of_i128(i128::from(sign * r.seconds));
-        let numerator = self.arith.wide_mul(&r.numerator, &seconds);
+        let seconds = self.arith.exact_of_i128(i128::from(sign * r.seconds));
+        let numerator = self.arith.exact_mul(&r.numerator, &seconds);
         let one = self.arith.of_u64(1);
         let (amount, fraction) = if self.arith.cmp(&r.denominator, &one).is_eq() {
             (numerator, None)
         } else {
-            (self.zero, Some((r.denominator, numerator)))
+            let wide = self.arith.wide_of(&numerator);
+            (self.zero, Some(Box::new((r.denominator, wide))))
         };
         let (model, provider) = (self.names.id(&w.model), self.names.id(&w.provider));
         let v = &self.vocabulary;
@@ -249,7 +253,7 @@ impl WindowCore {
     /// End every running GPU session without a heartbeat for the idle timeout (by the
     /// watermark) and meter its rounding.
     fn end_idle_sessions(&mut self) {
-        let due: Vec<Vec<u8>> = self
+        let due: Vec<SessionId> = self
             .gpu
             .iter()
             .filter(|(_, s)| {
@@ -257,22 +261,18 @@ impl WindowCore {
                     && s.last_us.div_euclid(MICROS) + s.last_interval + self.idle_timeout
                         <= self.watermark
             })
-            .map(|(k, _)| k.clone())
+            .map(|(id, _)| *id)
             .collect();
-        for key in due {
-            let Some(account) = session_account(&key) else {
-                continue;
-            };
-            let account = self.names.id(&account);
-            let session = self.gpu.get_mut(&key).expect("listed above");
+        for id in due {
+            let session = self.gpu.get_mut(&id).expect("listed above");
             session.ended = true;
             let owed = session.owed_rounding();
             let before = std::mem::replace(&mut session.rounding, owed.clone());
-            let placed = self.rounding_parts(account, before.as_ref(), owed.as_ref());
+            let placed = self.rounding_parts(id.0, before.as_ref(), owed.as_ref());
             for p in &placed {
                 self.put(p);
             }
-            self.gpu_dirty.insert(key);
+            self.gpu_dirty.insert(id);
         }
     }
 }
@@ -316,13 +316,15 @@ impl WindowCore {
         }
         let mut gpu = FxHashMap::default();
         for (key, value) in gpu_sessions {
-            let session = GpuSession::decode(&value, &mut arith)
-                .ok_or_else(|| PyValueError::new_err("unreadable GPU session in the store"))?;
+            let bad = || PyValueError::new_err("unreadable GPU session in the store");
+            let (account, session_id) = session_names(&key).ok_or_else(bad)?;
+            let id = (names.id(&account), names.id(&session_id));
+            let session = GpuSession::decode(key, &value, &mut arith).ok_or_else(bad)?;
             if !session.ended {
-                gpu.insert(key, session);
+                gpu.insert(id, session);
             }
         }
-        let zero = arith.wide_of_i128(0);
+        let zero = arith.exact_of_i128(0);
         Ok(WindowCore {
             size,
             grace,
@@ -339,6 +341,7 @@ impl WindowCore {
             compute: FxHashMap::default(),
             gpu,
             gpu_dirty: FxHashSet::default(),
+            rated_ids: FxHashMap::default(),
             watermark,
             stored_watermark: watermark,
             plans: FxHashMap::default(),
@@ -354,6 +357,7 @@ impl WindowCore {
     pub fn begin_poll(&mut self, generation: i64) {
         if generation != self.plans_generation {
             self.plans.clear();
+            self.rated_ids.clear();
             self.plans_generation = generation;
         }
         if self.names.len() > 2 * self.live_names + 100_000 {
@@ -443,11 +447,11 @@ impl WindowCore {
         for (key, value) in self.compute.drain() {
             out.push((bytes(&key), bytes(&value)));
         }
-        for key in std::mem::take(&mut self.gpu_dirty) {
-            let session = &self.gpu[&key];
-            out.push((bytes(&key), bytes(&session.encode())));
+        for id in std::mem::take(&mut self.gpu_dirty) {
+            let session = &self.gpu[&id];
+            out.push((bytes(&session.key), bytes(&session.encode())));
             if session.ended {
-                self.gpu.remove(&key); // in the store from now on; read back if it runs on
+                self.gpu.remove(&id); // in the store from now on; read back if it runs on
             }
         }
         if self.watermark != self.stored_watermark {
@@ -517,7 +521,20 @@ impl WindowCore {
             .chain(late.values_mut())
             .for_each(|tally| retag(tally, names));
         (self.open, self.late, self.dirty) = (open, late, dirty);
+        let session_id = |id: &SessionId, names: &mut Names| {
+            (names.id(old_names.get(id.0)), names.id(old_names.get(id.1)))
+        };
+        let gpu: FxHashMap<SessionId, GpuSession> = std::mem::take(&mut self.gpu)
+            .into_iter()
+            .map(|(id, session)| (session_id(&id, names), session))
+            .collect();
+        let gpu_dirty = std::mem::take(&mut self.gpu_dirty)
+            .iter()
+            .map(|id| session_id(id, names))
+            .collect();
+        (self.gpu, self.gpu_dirty) = (gpu, gpu_dirty);
         self.plans.clear();
+        self.rated_ids.clear();
         self.live_names = self.names.len();
     }
 
@@ -537,9 +554,9 @@ impl WindowCore {
     }
 }
 
-/// The account of a session's state key (`\x00g` or `\x00s` + msgpack [account, session id]).
-fn session_account(key: &[u8]) -> Option<String> {
+/// (account, session id) of a session's state key (`\x00g` + msgpack [account, session id]).
+fn session_names(key: &[u8]) -> Option<(String, String)> {
     let mut r = crate::msgpack::Reader::new(key.get(state::GPU_SESSION.len()..)?);
     (r.array()? == 2).then_some(())?;
-    r.str().map(str::to_string)
+    Some((r.str()?.to_string(), r.str()?.to_string()))
 }

@@ -485,3 +485,21 @@ def test_charges_decode_as_the_ledger_reads_them() -> None:
     p.finish()
     assert charges_decoder.decode(charges_encoder.encode(p.charges)) == p.charges
     assert msgspec.json.decode(charges_encoder.encode(p.charges))[1]["amount_base_units"] < 0
+
+
+def test_each_unpriced_adjustment_of_a_window_is_a_dead_letter_of_its_own() -> None:
+    """A window metered while its product was priced and closed after it left the book, then a
+    late event of it the same way: two dead letters of distinct identities, so replaying both
+    charges both."""
+    p = Partition({"acct-late": plan("startup")})
+    letters = []
+    for serial, clock in ((1, T0 + timedelta(minutes=10)), (2, None)):
+        p.plans.set("acct-late", plan("startup"))
+        p.windows.add(event("api.request.v1", T0, "acct-late", serial, product_id="gpt-4", tokens_in=10))
+        p.plans.set("acct-late", rules_without("gpt-4"))
+        letters += p.poll(wall_clock=clock).rejected
+    assert len(letters) == 2 and len({event_decoder.decode(r.original).id for r in letters}) == 2
+    p.plans.set("acct-late", plan("startup"))
+    p.poll(*(event_decoder.decode(r.original) for r in letters))
+    p.finish()
+    assert p.meters("acct-late") == {"api_fee": 50 * USDC, "api_overage": 0, "product:gpt-4": units("0.04")}

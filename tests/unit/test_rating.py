@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.plans import AccountPlan
-from agents.rating import LinearPeriod, Segment, SegmentedPeriod, base_units, overage, price
+from agents.rating import Linear, LinearPeriod, Segment, SegmentedPeriod, base_units, overage, price
 from schemas.pricebook import (
     ApiTier,
     PriceBookError,
@@ -110,14 +110,18 @@ def test_prices_are_exact_far_beyond_28_digits() -> None:
 def test_a_linear_periods_lines_add_up_to_its_total_rounded_once(pieces: list[int]) -> None:
     """However a period's exact amount arrives (windows, revisions, corrections of either sign),
     its charges add up to the total rounded once, and each fee is its charge's share."""
-    period = LinearPeriod()
-    lines, fees = [], []
-    for piece in pieces:
-        line, fee = period.charge(Fraction(piece, 7 * 10**7), 6, Decimal("5"))
+    period = Linear(LinearPeriod())
+    lines, fees, total = [], [], Fraction(0)
+    for i, piece in enumerate(pieces):
+        # Alternately a decimal amount and one with a fraction (a VRAM share), over the divisor.
+        amount, rest = (
+            (Decimal(piece), Fraction(0)) if i % 2 else (Decimal(piece // 3), Fraction(piece % 7, 3))
+        )
+        line, fee = period.charge(amount, rest, 7 * 10**7, 6, Decimal("5"))
+        total += (Fraction(amount) + rest) / (7 * 10**7)
         lines.append(line)
         fees.append(fee)
         assert abs(fee) <= abs(line) and fee * line >= 0
-    total = Fraction(sum(pieces), 7 * 10**7)
     assert sum(lines) == base_units(total, 6)
     assert sum(fees) == round(Fraction(sum(lines)) * 5 / 100)
 
