@@ -61,7 +61,8 @@ from tally_native import MeterCore, PollOutput
 from agents.dedupe import MARKS_RECORD_BYTES, decode_marks, encode_marks
 from agents.ingest import MAX_QUANTITY, IngestCore, epoch_micros, ingest_core, rejection_message
 from agents.plans import Plans
-from agents.window import Stored, WindowConfig, WindowResult, Windows
+from agents.window import WindowConfig, WindowResult, Windows
+from agents.window_state import Stored
 from pipeline.plans import PlanDirectory
 from pipeline.settings import Settings
 from pipeline.transactional import Outcome, Outgoing

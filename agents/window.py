@@ -22,20 +22,20 @@ Two halves, one per side of a window's life:
 State, all of it written once per commit as (key, value) changes in the meter's changelog record
 (deleted keys have an empty value), and read back through ``read`` (the partition store): open
 windows (in memory while open), closed windows (revision and totals, for adjustments), GPU and
-compute sessions, period states (``LINEAR``, ``SEGMENTS``), API fees per period, the watermark.
+compute sessions, period states (``LINEAR``, ``SEGMENTS``), API fees per period, the watermark
+(keys and records: ``agents.window_state``).
 """
 
 from __future__ import annotations
 
 import logging
-from calendar import monthrange
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import msgspec
@@ -52,33 +52,32 @@ from agents.rating import (
     base_units,
     divisor,
 )
+from agents.window_state import (
+    CLOSED,
+    FEES,
+    LINEAR,
+    SEGMENTS,
+    Dims,
+    Stored,
+    Tally,
+    WindowKey,
+    codec,
+    decode_key,
+    period_decoders,
+    period_of,
+    state_key,
+    tally_decoder,
+    utc_time,
+)
 from schemas.charges import Charge, charge_id_of, dims_text
 from schemas.events import UsageEvent, encoder
 from schemas.pricebook import PriceBook
 from schemas.rejections import Reason, Rejection, Stage
-from sinks.statestore import Store
 
 log = logging.getLogger(__name__)
 
-# State keys. Identity marks (dedupe) share the store: their keys are ``source\x00id`` with a
-# non-empty source, so they never start with NUL; these all do.
-OPEN = b"\x00o"
-CLOSED = b"\x00c"
-LINEAR = b"\x00l"
-SEGMENTS = b"\x00m"
-FEES = b"\x00f"
-SESSION = b"\x00s"
-GPU_SESSION = b"\x00g"
-WATERMARK = b"\x00watermark"
-
-Dims = tuple[tuple[str, str], ...]
-WindowKey = tuple[str, str, Dims, int]  # account, meter, dimensions, window start (epoch seconds)
 UNIT_PRICE_PLACES = Decimal("1e-12")
 _ZERO = Decimal(0)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-_codec = msgspec.msgpack.Encoder()
-_key_decoder = msgspec.msgpack.Decoder(tuple[str, str, list[tuple[str, str]], int])
 S = TypeVar("S", LinearPeriod, SegmentedPeriod, PeriodFees)
 PeriodState = Linear | SegmentedPeriod | PeriodFees
 # Period states kept decoded between closes (a period's windows close all along it); past this
@@ -112,110 +111,6 @@ _REFUSALS: dict[str, type[LookupError]] = {
     "unpriced": UnpricedError,
     "session_conflict": SessionConflictError,
 }
-
-
-class Tally(msgspec.Struct, array_like=True, gc=False):
-    """A window's usage (native/src/state.rs writes it): quantity, exact amount (the part over 1,
-    plus ``fractions``: (denominator, numerator) of GPU rates with a VRAM share), unit, the
-    price-book version and book, when its plan-and-version segment began, GPU provider and platform
-    fee percent; for a closed window (``CLOSED``) also its last revision and what it charged."""
-
-    quantity: Decimal | int  # int for counted meters (requests, tokens, seconds)
-    amount: Decimal
-    unit: str
-    version: str
-    provider: str | None = None
-    revision: int = -1
-    charged: int = 0
-    book: str | None = None
-    since: int = 0
-    fee_percent: Decimal | None = None
-    fractions: list[tuple[Decimal, Decimal]] = msgspec.field(default_factory=list)
-
-    def rest(self) -> Fraction:
-        """The amount over denominators other than 1 (VRAM shares that do not come out even)."""
-        return sum(
-            (Fraction(numerator) / Fraction(denominator) for denominator, numerator in self.fractions),
-            Fraction(0),
-        )
-
-    def exact(self) -> Fraction:
-        return Fraction(self.amount) + self.rest()
-
-
-class GpuSession(msgspec.Struct, array_like=True, gc=False):
-    """A GPU rental session as native/src/sessions.rs keeps it (for tools and tests)."""
-
-    seconds: int
-    last_us: int
-    last_identity: bytes
-    last_interval: int
-    gpu_count: int
-    numerator: str
-    denominator: str
-    window: tuple[int, str, str, str, str, int, str | None]
-    granularity: int
-    minimum: int
-    ended: bool
-    rounding: tuple[int, int, str, str, tuple[int, str, str, str, str, int, str | None]] | None
-    reserved: None = None
-
-
-class SessionSide(msgspec.Struct, array_like=True, gc=False):
-    """A compute session's ends as seen (epoch seconds), as native/src/sessions.rs writes them."""
-
-    started_at: int | None = None
-    resource_tier: str | None = None
-    ended_at: int | None = None
-    duration: int | None = None
-    charged: bool = False
-
-
-_tally_decoder = msgspec.msgpack.Decoder(Tally)
-_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
-    kind: msgspec.msgpack.Decoder(kind) for kind in (LinearPeriod, SegmentedPeriod, PeriodFees)
-}
-
-
-def state_key(prefix: bytes, key: WindowKey) -> bytes:
-    account, meter, dims, start = key
-    return prefix + _codec.encode((account, meter, dims, start))
-
-
-def decode_key(raw: bytes) -> WindowKey:
-    account, meter, dims, start = _key_decoder.decode(raw[len(OPEN) :])
-    return account, meter, tuple(dims), start
-
-
-def _dt(epoch: int) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC)
-
-
-@lru_cache(maxsize=4096)  # the windows a close rates share a few periods
-def period_of(epoch: int) -> tuple[int, int]:
-    """The billing period (a UTC calendar month) holding ``epoch``: (start, end) in epoch seconds."""
-    moment = _dt(epoch)
-    start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
-    days = monthrange(moment.year, moment.month)[1]
-    return int(start.timestamp()), int(start.timestamp()) + days * 86_400
-
-
-class Stored(NamedTuple):
-    """What a partition store holds of the windows: its ``OPEN`` and ``GPU_SESSION`` entries as
-    stored, and the watermark (``load``)."""
-
-    open_windows: list[tuple[bytes, bytes]]
-    gpu_sessions: list[tuple[bytes, bytes]]
-    watermark: int
-
-    @classmethod
-    def load(cls, store: Store) -> Stored:
-        raw = store.get(WATERMARK)
-        return cls(list(store.items(OPEN)), list(store.items(GPU_SESSION)), int(raw) if raw else 0)
-
-    @classmethod
-    def nothing(cls) -> Stored:
-        return cls([], [], 0)
 
 
 @dataclass(slots=True)
@@ -259,7 +154,7 @@ class Windows:
     @property
     def open(self) -> dict[WindowKey, Tally]:
         """The open windows, decoded (for tests and tools; the meter never needs them)."""
-        return {decode_key(k): _tally_decoder.decode(v) for k, v in self.core.open_windows()}
+        return {decode_key(k): tally_decoder.decode(v) for k, v in self.core.open_windows()}
 
     def add(self, event: UsageEvent) -> None:
         """Add one accepted event's usage; raises ``TooLateError``, ``UnpricedError`` or
@@ -278,10 +173,10 @@ class Windows:
         closing = _Closing(self, result, rated_at)
         due, late = self.core.close(wall_clock)
         for raw_key, raw_tally in due:
-            closing.rate(decode_key(raw_key), _tally_decoder.decode(raw_tally))
+            closing.rate(decode_key(raw_key), tally_decoder.decode(raw_tally))
             result.changes[raw_key] = b""  # the window leaves the open set
         for raw_key, raw_tally in late:
-            closing.rate(decode_key(raw_key), _tally_decoder.decode(raw_tally))
+            closing.rate(decode_key(raw_key), tally_decoder.decode(raw_tally))
             result.adjustments += 1
         closing.fees()
         result.closed = len(due)
@@ -309,7 +204,7 @@ class _Closing:
         found = self.states.get(key) or self.windows.periods.get(key)
         if found is None:
             raw = _get(self.result.changes, key, self.windows.read)
-            stored = _decoders[kind].decode(raw) if raw else kind()
+            stored = period_decoders[kind].decode(raw) if raw else kind()
             found = Linear(stored) if isinstance(stored, LinearPeriod) else stored
         self.states[key] = found
         return found
@@ -318,7 +213,7 @@ class _Closing:
         found = self.states.get(key) or self.windows.periods.get(key)
         if found is None:
             raw = _get(self.result.changes, key, self.windows.read)
-            found = Linear(_decoders[LinearPeriod].decode(raw) if raw else LinearPeriod())
+            found = Linear(period_decoders[LinearPeriod].decode(raw) if raw else LinearPeriod())
         self.states[key] = found
         assert type(found) is Linear
         return found
@@ -338,14 +233,14 @@ class _Closing:
         if len(periods) + len(self.states) > PERIOD_CACHE_SIZE:
             periods.clear()
         for key, state in self.states.items():
-            self.result.changes[key] = _codec.encode(state.state() if isinstance(state, Linear) else state)
+            self.result.changes[key] = codec.encode(state.state() if isinstance(state, Linear) else state)
             periods[key] = state
 
     def rate(self, key: WindowKey, tally: Tally) -> None:
         account, meter, dims, start = key
         closed_key = state_key(CLOSED, key)
         previous = _get(self.result.changes, closed_key, self.windows.read)
-        before = _tally_decoder.decode(previous) if previous else None
+        before = tally_decoder.decode(previous) if previous else None
         revision = before.revision + 1 if before else 0
         charged = before.charged if before else 0
         decimals = self._decimals(tally.book)
@@ -358,7 +253,7 @@ class _Closing:
                 # of the window that cannot be priced either gets an identity of its own.
                 empty = Tally(0, _ZERO, tally.unit, tally.version, book=tally.book, since=tally.since)
                 used = msgspec.structs.replace(before or empty, revision=revision)
-                self.result.changes[closed_key] = _codec.encode(used)
+                self.result.changes[closed_key] = codec.encode(used)
                 return
             fee = 0
             quantity = Decimal(tally.quantity)
@@ -382,7 +277,7 @@ class _Closing:
         )
         # The window's last revision and what its revisions charged, with its latest usage.
         closed = msgspec.structs.replace(tally, revision=revision, charged=charged + line)
-        self.result.changes[closed_key] = _codec.encode(closed)
+        self.result.changes[closed_key] = codec.encode(closed)
 
     def _decimals(self, book: str | None) -> int:
         """The base units of the token a window's book charges in."""
@@ -477,7 +372,7 @@ class _Closing:
                 if lo >= state.horizon or plan.api_tier is None or plan.book is None:
                     continue
                 try:
-                    version = plan.book.version_at(_dt(lo))
+                    version = plan.book.version_at(utc_time(lo))
                 except LookupError:
                     log.warning("meter: %s: no price-book version for its %s fee", account, plan.api_tier)
                     continue
@@ -537,7 +432,7 @@ def _charge(  # noqa: PLR0917  # one positional per column
         account=account,
         meter=meter,
         dimensions=dict(dims),
-        window_start=_dt(start),
+        window_start=utc_time(start),
         revision=revision,
         quantity=str(quantity),
         unit=unit,
@@ -557,4 +452,4 @@ def _dims_text(dims: Dims) -> str:
 
 @lru_cache(maxsize=4096)  # the windows a close rates share a few starts
 def _start_text(start: int) -> str:
-    return _dt(start).isoformat()
+    return utc_time(start).isoformat()

@@ -34,7 +34,8 @@ import psycopg
 from sqlalchemy import create_engine
 
 from agents.plans import AccountPlan, FixedPlans
-from agents.window import Stored, WindowConfig, Windows
+from agents.window import WindowConfig, Windows
+from agents.window_state import Stored
 from bench.ingest import bare_consumer, clean_stream, machine, replace_table, run_benches
 from pipeline.loadgen import Expected, Message, account_ids, default_now, generate, publish
 from pipeline.oracle import USER_TYPES, store_plans, tier_plans

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from agents.dedupe import decode_marks, encode_marks
 from agents.plans import AccountPlan, FixedPlans
-from agents.window import OPEN, Stored, Tally, WindowConfig, Windows, decode_key, state_key
+from agents.window import WindowConfig, Windows
+from agents.window_state import OPEN, Stored, Tally, decode_key, state_key
 from pipeline.loadgen import Expected, LoadPlan, generate
 from schemas.events import encoder, event_decoder, fingerprint
 from schemas.pricebook import parse_price_book

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from agents.ingest import MAX_QUANTITY, IngestCore, IngestPolicy, Partitioner, epoch_micros
 from agents.plans import AccountPlan, FixedPlans
-from agents.window import Stored, WindowConfig, Windows
+from agents.window import WindowConfig, Windows
+from agents.window_state import Stored
 from pipeline.loadgen import Expected, LoadPlan, generate
 from schemas.events import EVENT_CLASSES, cut_by_size, encode_batch
 from tests.unit.meter_in_memory import BOOK

@@ -16,12 +16,8 @@ import pytest
 
 from agents.plans import AccountPlan
 from agents.rating import base_units
-from agents.window import (
-    OPEN,
-    Tally,
-    TooLateError,
-    UnpricedError,
-)
+from agents.window import TooLateError, UnpricedError
+from agents.window_state import OPEN, Tally
 from schemas.charges import charge_id
 from schemas.events import UsageEvent
 from tests.unit.windows_support import BOOK, RATED_AT, T0, Partition, event

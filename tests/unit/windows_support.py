@@ -11,7 +11,8 @@ from typing import Any
 import msgspec
 
 from agents.plans import AccountPlan, FixedPlans, PlanHistory, epoch_seconds
-from agents.window import GPU_SESSION, OPEN, WATERMARK, Stored, WindowConfig, WindowResult, Windows
+from agents.window import WindowConfig, WindowResult, Windows
+from agents.window_state import GPU_SESSION, OPEN, WATERMARK, Stored
 from schemas.charges import Charge
 from schemas.events import UsageEvent, event_decoder
 from schemas.pricebook import PriceBook, load_price_book, parse_price_book
