@@ -39,7 +39,12 @@ pub struct Arith {
     /// Exact money in 36 digits, for the common case: an amount that fits is computed here (a
     /// third of the instructions of the wide type), one that would round is computed again wide.
     pub(crate) narrow: Context<Dec>,
+    /// 0..SMALL as decimals: heartbeat seconds and GPU counts are small integers, and making
+    /// one from an integer costs ~500 instructions against a copy here.
+    small: Vec<Dec>,
 }
+
+const SMALL: u64 = 4096;
 
 impl Default for Arith {
     fn default() -> Self {
@@ -68,11 +73,14 @@ impl Arith {
         narrow
             .set_min_exponent(MIN_EXPONENT)
             .expect("valid exponent");
+        let mut exact = exact;
+        let small = (0..SMALL).map(|n| exact.from_u64(n)).collect();
         Arith {
             cx,
             exact,
             wide,
             narrow,
+            small,
         }
     }
 
@@ -88,7 +96,10 @@ impl Arith {
     }
 
     pub fn of_u64(&mut self, n: u64) -> Dec {
-        self.exact.from_u64(n)
+        match usize::try_from(n).ok().and_then(|i| self.small.get(i)) {
+            Some(found) => *found,
+            None => self.exact.from_u64(n),
+        }
     }
 
     pub fn add(&mut self, lhs: &Dec, rhs: &Dec) -> Dec {
@@ -167,6 +178,9 @@ pub enum Exact {
 
 impl Arith {
     pub fn exact_of_i128(&mut self, n: i128) -> Exact {
+        if let Some(found) = usize::try_from(n).ok().and_then(|i| self.small.get(i)) {
+            return Exact::Narrow(*found);
+        }
         match i64::try_from(n) {
             Ok(small) => Exact::Narrow(self.narrow.from_i64(small)),
             Err(_) => Exact::Wide(self.wide.from_i128(n)),

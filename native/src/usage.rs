@@ -77,7 +77,8 @@ struct GpuInputs {
     demand: Dec,
     floor: Option<Dec>, // the provider's minimum hourly rate
     count: u64,
-    interval: u64,
+    count_dec: Dec,
+    interval: Dec,
 }
 
 /// A heartbeat's hourly rate for all its GPUs as numerator / denominator (a VRAM share that does
@@ -138,12 +139,10 @@ fn gpu_rate<const N: usize>(
     }
     let mut rate = numerator;
     if i.count != 1 {
-        let count = cx.from_u64(i.count);
-        cx.mul(&mut rate, &count);
+        cx.mul(&mut rate, &i.count_dec);
     }
     let mut amount = rate;
-    let seconds = cx.from_u64(i.interval);
-    cx.mul(&mut amount, &seconds);
+    cx.mul(&mut amount, &i.interval);
     (rate, denominator, amount)
 }
 
@@ -288,6 +287,10 @@ impl WindowCore {
         let moment = floor_seconds(event.time_us);
         let zero = self.arith.of_u64(0);
         let one = self.arith.of_u64(1);
+        let (count, interval) = (
+            event.int(gpu::GPU_COUNT).unwrap_or(1),
+            event.int(gpu::INTERVAL).unwrap_or(0),
+        );
         let inputs = GpuInputs {
             base: rates.base_rate_per_hour[&*model],
             allocated: event.dec(gpu::VRAM_ALLOCATED).unwrap_or(zero),
@@ -299,12 +302,13 @@ impl WindowCore {
                 .then(|| rates.vram_rate_per_gb_hour.unwrap_or(zero)),
             demand: rates.demand_at(moment, &model),
             floor: rates.provider_minimum_per_hour.get(&*provider).copied(),
-            count: event.int(gpu::GPU_COUNT).unwrap_or(1),
-            interval: event.int(gpu::INTERVAL).unwrap_or(0),
+            count,
+            count_dec: self.arith.of_u64(count),
+            interval: self.arith.of_u64(interval),
         };
         let (count, interval) = (
-            i64::try_from(inputs.count).unwrap_or(1),
-            i64::try_from(inputs.interval).unwrap_or(0),
+            i64::try_from(count).unwrap_or(1),
+            i64::try_from(interval).unwrap_or(0),
         );
         let arith = &mut self.arith;
         arith.narrow.clear_status();

@@ -441,8 +441,7 @@ impl WindowCore {
         let bytes = |data: &[u8]| PyBytes::new(py, data).unbind();
         let mut out = Vec::with_capacity(self.dirty.len() + self.compute.len() + 1);
         for key in std::mem::take(&mut self.dirty) {
-            let tally = self.open[&key].clone();
-            out.push(self.entry(py, &key, &tally)?);
+            out.push(self.entry(py, &key, &self.open[&key])?);
         }
         for (key, value) in self.compute.drain() {
             out.push((bytes(&key), bytes(&value)));
