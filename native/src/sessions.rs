@@ -133,7 +133,7 @@ impl GpuSession {
         (extra > 0).then(|| Rounding {
             seconds: extra,
             gpu_count: self.gpu_count,
-            numerator: self.numerator,
+            numerator: self.numerator.clone(),
             denominator: self.denominator,
             window: self.window.clone(),
         })

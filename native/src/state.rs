@@ -88,7 +88,7 @@ pub struct Key {
     pub start: i64,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Qty {
     Int(i128),
     Dec(Exact),
@@ -131,7 +131,7 @@ impl Tally {
     pub fn empty(part: &Part, version: u32, book: u32, since: i64, zero: Exact) -> Tally {
         let quantity = match part.quantity {
             Qty::Int(_) => Qty::Int(0),
-            Qty::Dec(_) => Qty::Dec(zero),
+            Qty::Dec(_) => Qty::Dec(zero.clone()),
         };
         Tally {
             quantity,
@@ -150,12 +150,12 @@ impl Tally {
 
     /// Sum a part into the window, exactly.
     pub fn add(&mut self, arith: &mut Arith, part: &Part) {
-        self.quantity = match (self.quantity, part.quantity) {
+        self.quantity = match (&self.quantity, &part.quantity) {
             (Qty::Int(a), Qty::Int(b)) => Qty::Int(a + b),
-            (Qty::Dec(a), Qty::Dec(b)) => Qty::Dec(arith.exact_add(&a, &b)),
+            (Qty::Dec(a), Qty::Dec(b)) => Qty::Dec(arith.exact_add(a, b)),
             (Qty::Dec(a), Qty::Int(b)) | (Qty::Int(b), Qty::Dec(a)) => {
-                let whole = arith.exact_of_i128(b);
-                Qty::Dec(arith.exact_add(&a, &whole))
+                let whole = arith.exact_of_i128(*b);
+                Qty::Dec(arith.exact_add(a, &whole))
             }
         };
         self.amount = arith.exact_add(&self.amount, &part.amount);

@@ -233,7 +233,7 @@ impl WindowCore {
             (numerator, None)
         } else {
             let wide = self.arith.wide_of(&numerator);
-            (self.zero, Some(Box::new((denominator, wide))))
+            (self.zero.clone(), Some(Box::new((denominator, wide))))
         }
     }
 
@@ -322,7 +322,11 @@ impl WindowCore {
                     "the heartbeat's amount exceeds exact arithmetic (180 digits)".into(),
                 )));
             }
-            (Exact::Wide(rate), denominator, Exact::Wide(amount))
+            (
+                Exact::Wide(Box::new(rate)),
+                denominator,
+                Exact::Wide(Box::new(amount)),
+            )
         } else {
             let (rate, denominator, amount) = narrow;
             (Exact::Narrow(rate), denominator, Exact::Narrow(amount))
@@ -351,7 +355,7 @@ impl WindowCore {
             let key = session_key(GPU_SESSION, &event.subject, &session_id);
             let session = match self.stored_session(py, key.clone())? {
                 Some(session) => session,
-                None => GpuSession::new(key, self.zero, one),
+                None => GpuSession::new(key, self.zero.clone(), one),
             };
             self.gpu.insert(id, session);
         }
@@ -443,7 +447,7 @@ impl WindowCore {
                     meter: self.vocabulary.api_overage,
                     dims,
                     quantity: Qty::Int(requests),
-                    amount: self.zero,
+                    amount: self.zero.clone(),
                     fraction: None,
                     unit: self.vocabulary.request,
                     provider: None,
@@ -462,7 +466,7 @@ impl WindowCore {
                         meter,
                         dims: 0,
                         quantity: Qty::Int(tokens),
-                        amount: self.zero,
+                        amount: self.zero.clone(),
                         fraction: None,
                         unit: self.names.id(&spec.unit),
                         provider: None,

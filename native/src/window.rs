@@ -156,14 +156,14 @@ impl WindowCore {
             self.dirty.insert(key);
             return;
         }
+        let zero = &self.zero;
         let fresh = || {
-            let zero = self.zero;
             Tally::empty(
                 &placed.part,
                 placed.version,
                 placed.book,
                 placed.since,
-                zero,
+                zero.clone(),
             )
         };
         let tumbling = key.start - key.start.rem_euclid(self.size);
@@ -219,7 +219,7 @@ impl WindowCore {
             (numerator, None)
         } else {
             let wide = self.arith.wide_of(&numerator);
-            (self.zero, Some(Box::new((r.denominator, wide))))
+            (self.zero.clone(), Some(Box::new((r.denominator, wide))))
         };
         let (model, provider) = (self.names.id(&w.model), self.names.id(&w.provider));
         let v = &self.vocabulary;
