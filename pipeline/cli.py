@@ -221,7 +221,7 @@ def quote(
     and every GPU session ended at the end. No Kafka, no database. A line ingest or the meter
     rejects is reported with its reason; the others still run.
     """
-    from agents.quote import quote as rate_quote
+    from pipeline.quote import quote as rate_quote
     from schemas.pricebook import PriceBookError, load_price_book
 
     try:
