@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
@@ -425,8 +425,11 @@ async def publish(
     rate: float = 0.0,
     on_progress: Callable[[int], None] | None = None,
     chunk: int = 2_000,
+    hold: Callable[[int], Awaitable[None]] | None = None,
 ) -> tuple[int, float]:
     """Send ``messages`` to ``usage.raw`` at about ``rate`` events/s (0: as fast as possible).
+    ``hold``, if given, is awaited with the events sent so far after each chunk: a caller's way
+    to keep publishing from running ahead of something it watches.
 
     Returns (events sent, seconds taken). Every message is acknowledged before this returns.
     """
@@ -444,6 +447,8 @@ async def publish(
                 if on_progress is not None:
                     on_progress(pending_events)
                 pending, pending_events = [], 0
+                if hold is not None:
+                    await hold(sent)
                 if rate > 0:
                     ahead = sent / rate - (time.monotonic() - started)
                     if ahead > 0:

@@ -216,6 +216,7 @@ def console_produce(settings: Settings, lines: list[bytes], *options: str) -> No
 
 
 Fault = Callable[[], Awaitable[None]]
+STALLED_S = 180.0  # a worker restart takes ~30 s (a rebalance and the state restored)
 
 
 async def publish_with_faults(
@@ -229,13 +230,41 @@ async def publish_with_faults(
     after_each: Callable[[], None] | None = None,
 ) -> None:
     """Publish ``messages`` at ``rate`` events/s and fire each ``(fraction, fault)`` once the
-    outputs ``reader`` counts reach that fraction of ``must`` (so faults land mid-stream: each
-    asserts that input is still unprocessed); returns when everything is published."""
-    publisher = asyncio.create_task(publish(settings, messages, rate=rate, chunk=200))
+    outputs ``reader`` counts reach that fraction of ``must``; returns when everything is
+    published.
+
+    Each fault must land while input is still unprocessed (it asserts so). Pacing by time alone
+    does not make sure of that: a worker that is down or rebalancing for longer than the rest of
+    the stream takes to publish comes back to the whole remainder and commits it in a few large
+    transactions, past the last faults' marks at once (seen on a 2-core machine). So
+    publishing is also held to at most a tenth of ``must`` ahead of the outputs seen. Events
+    sent are counted in outputs by the share of the stream that has any (duplicates have none):
+    when the outputs cross a mark below 0.9 (checked below), about that mark plus a tenth plus
+    one chunk can have been published, which is short of ``must``. Publishing held while no
+    output has come for ``STALLED_S`` fails the run rather than waiting for ever.
+    """
+    window = must // 10
+    outputs_per_event = must / sum(message.events for message in messages)
+    last = max(fraction for fraction, _ in faults)
+    assert last < 0.9, f"a fault at {last:.0%} of the outputs can find the stream processed"
+    progress = asyncio.Event()
+
+    async def hold(sent: int) -> None:
+        while sent * outputs_per_event - reader.outputs.total > window:
+            progress.clear()
+            await progress.wait()
+
+    started = time.monotonic()
+    publisher = asyncio.create_task(publish(settings, messages, rate=rate, chunk=200, hold=hold))
     pending = sorted(faults, key=lambda f: f[0])
-    while pending:
+    while pending or not publisher.done():
         await reader.poll()
-        if reader.outputs.total >= pending[0][0] * must:
+        progress.set()
+        quiet = time.monotonic() - max(reader.outputs.last_seen or 0.0, started)
+        if quiet > STALLED_S:
+            publisher.cancel()
+            raise AssertionError(f"no output for {quiet:.0f} s with input unprocessed")
+        if pending and reader.outputs.total >= pending[0][0] * must:
             assert reader.outputs.total < must, "the fault must land while input is still unprocessed"
             _, fault = pending.pop(0)
             await fault()

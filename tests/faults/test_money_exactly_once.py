@@ -27,10 +27,9 @@ from pipeline.testing import Fault, Worker, isolated_settings, publish_with_faul
 from sinks.postgres import account_totals, change_plan, customer_balances, ledger_check, sqlalchemy_url
 
 EVENTS = 100_000
-# events/s published: ~50 s of input, so every fault lands mid-stream. At 3,000 (~33 s) a run
-# failed that precondition: the join and leave rebalances stalled outputs ~10 s, the backlog was
-# then committed in a few large transactions, and outputs went past the last two faults' marks
-# together, after the whole stream had been published.
+# events/s published: ~50 s of input. Publishing is also held to a tenth of the stream ahead
+# of the outputs (publish_with_faults), so the join and leave rebalances, which stall outputs
+# ~10 s, cannot let the whole backlog through before the last faults' marks.
 RATE = 2_000.0
 
 
