@@ -430,18 +430,18 @@ impl WindowCore {
     ) -> Result<Vec<Placed>, Refusal> {
         let mut placed = Vec::with_capacity(2);
         let succeeded = (200..300).contains(&event.int(api::STATUS).unwrap_or(200));
-        if let Some(tier) = rated.plan.api_tier.clone() {
-            let Some(spec) = rated.version.api_tiers.get(&tier) else {
+        if let Some(tier) = rated.plan.api_tier.as_deref() {
+            let Some(spec) = rated.version.api_tiers.get(tier) else {
                 let detail = format!(
                     "no API tier {} in price book {}",
-                    repr(py, &tier),
+                    repr(py, tier),
                     rated.version.label
                 );
                 return Err(Refusal::Unpriced(detail));
             };
             let requests = i128::from(event.int(api::REQUEST_COUNT).unwrap_or(0));
             if requests > 0 && (succeeded || spec.charge_failed) {
-                let tier_id = self.names.id(&tier);
+                let tier_id = self.names.id(tier);
                 let dims = self.dims.id(&[(self.vocabulary.tier, tier_id)]);
                 let part = Part {
                     meter: self.vocabulary.api_overage,
