@@ -84,6 +84,12 @@ pub struct WindowCore {
     pub(crate) rated_ids: FxHashMap<(usize, usize), (u32, u32)>,
     pub(crate) watermark: i64,
     pub(crate) stored_watermark: i64,
+    /// A lower bound of the watermark at which an open window closes, and of the one at which
+    /// a running GPU session idles out: `close` looks through the open windows (~250 bytes each,
+    /// thousands of them) and the sessions only once the watermark reaches it, not every poll.
+    /// `i64::MIN`: not known, look.
+    pub(crate) next_close: i64,
+    pub(crate) next_idle_end: i64,
     /// Plan histories read from the plan directory, by account id, for its `generation`.
     pub(crate) plans: FxHashMap<u32, Arc<PlanHistory>>,
     pub(crate) plans_generation: i64,
@@ -176,6 +182,7 @@ impl WindowCore {
             let tally = self.open.entry(key).or_insert(tally);
             tally.add(&mut self.arith, &placed.part);
             self.dirty.insert(key);
+            self.next_close = self.next_close.min(tumbling + self.size + self.grace);
         }
     }
 
@@ -253,16 +260,23 @@ impl WindowCore {
     /// End every running GPU session without a heartbeat for the idle timeout (by the
     /// watermark) and meter its rounding.
     fn end_idle_sessions(&mut self) {
-        let due: Vec<SessionId> = self
-            .gpu
-            .iter()
-            .filter(|(_, s)| {
-                !s.ended
-                    && s.last_us.div_euclid(MICROS) + s.last_interval + self.idle_timeout
-                        <= self.watermark
-            })
-            .map(|(id, _)| *id)
-            .collect();
+        if self.watermark < self.next_idle_end {
+            return;
+        }
+        let (idle_timeout, watermark) = (self.idle_timeout, self.watermark);
+        let idle_end =
+            |s: &GpuSession| s.last_us.div_euclid(MICROS) + s.last_interval + idle_timeout;
+        let mut due: Vec<SessionId> = Vec::new();
+        let mut next = i64::MAX;
+        for (id, session) in self.gpu.iter().filter(|(_, s)| !s.ended) {
+            let end = idle_end(session);
+            if end <= watermark {
+                due.push(*id);
+            } else {
+                next = next.min(end);
+            }
+        }
+        self.next_idle_end = next;
         for id in due {
             let session = self.gpu.get_mut(&id).expect("listed above");
             session.ended = true;
@@ -344,6 +358,8 @@ impl WindowCore {
             rated_ids: FxHashMap::default(),
             watermark,
             stored_watermark: watermark,
+            next_close: i64::MIN,
+            next_idle_end: i64::MIN,
             plans: FxHashMap::default(),
             plans_generation: -1,
             arith,
@@ -413,12 +429,19 @@ impl WindowCore {
         self.end_idle_sessions();
         let (size, reach) = (self.size, self.size + self.grace);
         let watermark = self.watermark;
-        let mut closing: Vec<Key> = self
-            .open
-            .keys()
-            .filter(|k| k.start - k.start.rem_euclid(size) + reach <= watermark)
-            .copied()
-            .collect();
+        let mut closing: Vec<Key> = Vec::new();
+        if watermark >= self.next_close {
+            let mut next = i64::MAX;
+            for key in self.open.keys() {
+                let close_at = key.start - key.start.rem_euclid(size) + reach;
+                if close_at <= watermark {
+                    closing.push(*key);
+                } else {
+                    next = next.min(close_at);
+                }
+            }
+            self.next_close = next;
+        }
         closing.sort_by(|a, b| state::python_order(&self.names, &self.dims, a, b));
         let mut closed = Vec::with_capacity(closing.len());
         for key in closing {
