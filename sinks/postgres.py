@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -38,7 +38,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert
 
-from pipeline.settings import Settings
 from schemas.charges import Charge
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
@@ -71,13 +70,21 @@ plan_changes_table = Table(
 PLATFORM = "platform"
 
 
-def sqlalchemy_url(settings: Settings) -> str:
+class PostgresSettings(Protocol):
+    """What this sink reads of the worker's settings (pipeline builds them; a sink does not
+    import pipeline): the database's URL, as libpq takes it."""
+
+    @property
+    def postgres_url(self) -> str: ...
+
+
+def sqlalchemy_url(settings: PostgresSettings) -> str:
     """The settings' Postgres URL with SQLAlchemy's psycopg 3 driver named."""
     parts = urlsplit(settings.postgres_url)
     return urlunsplit(parts._replace(scheme="postgresql+psycopg"))
 
 
-def upgrade(settings: Settings) -> None:
+def upgrade(settings: PostgresSettings) -> None:
     """Apply every Postgres migration (``tally db upgrade``)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -148,7 +155,7 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM moved)
 
 
 class LedgerWriter:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: PostgresSettings) -> None:
         self.engine: Engine = create_engine(sqlalchemy_url(settings), pool_size=2, max_overflow=0)
 
     def write(self, charges: Sequence[Charge]) -> int:
