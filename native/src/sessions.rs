@@ -121,6 +121,12 @@ impl GpuSession {
         }
     }
 
+    /// When the session idles out without another heartbeat (epoch seconds): the end of its
+    /// latest heartbeat's interval plus `idle_timeout`.
+    pub fn idle_end(&self, idle_timeout: i64) -> i64 {
+        self.last_us.div_euclid(1_000_000) + self.last_interval + idle_timeout
+    }
+
     /// The rounding this session owes once ended: its time up to the granularity, at least the
     /// minimum, at its latest rate; None when there is nothing to add.
     pub fn owed_rounding(&self) -> Option<Rounding> {

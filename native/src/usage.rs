@@ -392,9 +392,7 @@ impl WindowCore {
             );
             session.granularity = rates.billing_granularity_seconds;
             session.minimum = rates.minimum_session_seconds;
-            let idle_end =
-                session.last_us.div_euclid(1_000_000) + session.last_interval + self.idle_timeout;
-            self.next_idle_end = self.next_idle_end.min(idle_end);
+            self.next_idle_end = self.next_idle_end.min(session.idle_end(self.idle_timeout));
         }
         if session.ended || session.rounding.is_some() {
             let owed = session.owed_rounding();

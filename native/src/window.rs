@@ -25,8 +25,6 @@ use crate::state::{self, DimsTable, Key, Names, Part, Qty, Tally, WATERMARK};
 use crate::time::{floor_seconds, isoformat};
 use crate::usage::Vocabulary;
 
-const MICROS: i64 = 1_000_000;
-
 /// Why an event's usage was not added (the meter dead-letters it with this reason and detail).
 pub enum Refusal {
     TooLate(String),
@@ -264,12 +262,10 @@ impl WindowCore {
             return;
         }
         let (idle_timeout, watermark) = (self.idle_timeout, self.watermark);
-        let idle_end =
-            |s: &GpuSession| s.last_us.div_euclid(MICROS) + s.last_interval + idle_timeout;
         let mut due: Vec<SessionId> = Vec::new();
         let mut next = i64::MAX;
         for (id, session) in self.gpu.iter().filter(|(_, s)| !s.ended) {
-            let end = idle_end(session);
+            let end = session.idle_end(idle_timeout);
             if end <= watermark {
                 due.push(*id);
             } else {
