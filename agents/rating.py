@@ -143,24 +143,25 @@ class Linear:
 
     def __init__(self, state: LinearPeriod) -> None:
         self.exact = Decimal(state.exact)
-        self.rest = _NOTHING if state.rest == "0" else Fraction(state.rest)  # parsing costs ~2 us
+        # None: nothing over other denominators (the common case; parsing a Fraction costs ~2 us).
+        self.rest = None if state.rest == "0" else Fraction(state.rest)
         self.charged = state.charged
         self.fee_exact = int(state.fee_exact)
         self.fee_charged = state.fee_charged
 
     def state(self) -> LinearPeriod:
-        texts = str(self.exact), str(self.rest) if self.rest else "0"
+        texts = str(self.exact), "0" if self.rest is None else str(self.rest)
         return LinearPeriod(*texts, self.charged, str(self.fee_exact), self.fee_charged)
 
     def charge(
-        self, amount: Decimal, rest: Fraction, per: int, decimals: int, fee_percent: Decimal | None
+        self, amount: Decimal, rest: Fraction | None, per: int, decimals: int, fee_percent: Decimal | None
     ) -> tuple[int, int]:
         """Add a window's exact amount (``amount`` + ``rest``, in units of 1/``per`` of the price's
-        unit); return (its charge, the platform fee split off it)."""
+        unit; None: no rest); return (its charge, the platform fee split off it)."""
         self.exact = EXACT.add(self.exact, amount)
         numerator, denominator = self.exact.as_integer_ratio()
-        if rest or self.rest:
-            self.rest += rest
+        if rest is not None or self.rest is not None:
+            self.rest = (self.rest or _NOTHING) + (rest or _NOTHING)
             total = Fraction(numerator, denominator) + self.rest
             numerator, denominator = total.numerator, total.denominator
         line = round_half_even(numerator * 10**decimals, denominator * per) - self.charged

@@ -56,6 +56,7 @@ from agents.window_state import (
     CLOSED,
     FEES,
     LINEAR,
+    OPEN,
     SEGMENTS,
     Dims,
     Stored,
@@ -83,7 +84,6 @@ PeriodState = Linear | SegmentedPeriod | PeriodFees
 # Period states kept decoded between closes (a period's windows close all along it); past this
 # many the cache starts over from the store.
 PERIOD_CACHE_SIZE = 200_000
-_NO_REST = Fraction(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +173,10 @@ class Windows:
         closing = _Closing(self, result, rated_at)
         due, late = self.core.close(wall_clock)
         for raw_key, raw_tally in due:
-            closing.rate(decode_key(raw_key), tally_decoder.decode(raw_tally))
+            closing.rate(raw_key, tally_decoder.decode(raw_tally))
             result.changes[raw_key] = b""  # the window leaves the open set
         for raw_key, raw_tally in late:
-            closing.rate(decode_key(raw_key), tally_decoder.decode(raw_tally))
+            closing.rate(raw_key, tally_decoder.decode(raw_tally))
             result.adjustments += 1
         closing.fees()
         result.closed = len(due)
@@ -236,9 +236,11 @@ class _Closing:
             self.result.changes[key] = codec.encode(state.state() if isinstance(state, Linear) else state)
             periods[key] = state
 
-    def rate(self, key: WindowKey, tally: Tally) -> None:
+    def rate(self, raw_key: bytes, tally: Tally) -> None:
+        """Rate one window (``raw_key``: its ``OPEN`` state key, as the native core gives it)."""
+        key = decode_key(raw_key)
         account, meter, dims, start = key
-        closed_key = state_key(CLOSED, key)
+        closed_key = CLOSED + raw_key[len(OPEN) :]
         previous = _get(self.result.changes, closed_key, self.windows.read)
         before = tally_decoder.decode(previous) if previous else None
         revision = before.revision + 1 if before else 0
@@ -260,13 +262,13 @@ class _Closing:
             unit_price = (Decimal(line).scaleb(-decimals) / quantity).quantize(UNIT_PRICE_PLACES)
         else:
             state = self._linear(state_key(LINEAR, (account, meter, dims, period[0])))
-            rest = tally.rest() if tally.fractions else _NO_REST
+            rest = tally.rest() if tally.fractions else None
             line, fee = state.charge(tally.amount, rest, per, decimals, tally.fee_percent)
             quantity = Decimal(tally.quantity) / per
             # A time meter's window has its own exact price: its amount over its quantity.
             if not tally.quantity:
                 unit_price = _ZERO
-            elif tally.fractions:
+            elif rest is not None:
                 exact = (Fraction(tally.amount) + rest) / Fraction(tally.quantity)
                 unit_price = Decimal(exact.numerator) / Decimal(exact.denominator)
             else:
@@ -428,11 +430,11 @@ def _charge(  # noqa: PLR0917  # one positional per column
 ) -> Charge:
     account, meter, dims, start = key
     return Charge(
-        charge_id=_charge_id(key, revision),
+        charge_id=charge_id_of(account, meter, _dims_text(dims), _start_text(start), revision),
         account=account,
         meter=meter,
         dimensions=dict(dims),
-        window_start=utc_time(start),
+        window_start=_start_time(start),
         revision=revision,
         quantity=str(quantity),
         unit=unit,
@@ -451,5 +453,10 @@ def _dims_text(dims: Dims) -> str:
 
 
 @lru_cache(maxsize=4096)  # the windows a close rates share a few starts
+def _start_time(start: int) -> datetime:
+    return utc_time(start)
+
+
+@lru_cache(maxsize=4096)
 def _start_text(start: int) -> str:
-    return utc_time(start).isoformat()
+    return _start_time(start).isoformat()
