@@ -44,10 +44,11 @@ down: ## stop everything `make up` started
 status: ## show which local services run
 	@$(LOCAL) status
 
-lint: install ## ruff (lint + format check), mypy --strict, the native stub against the build (stubtest); rustfmt and clippy for native/
+lint: install ## ruff (lint + format check), mypy --strict, the layers (import-linter), the native stub against the build (stubtest); rustfmt and clippy for native/
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports --no-cache
 	@$(VENV)/bin/python -m mypy.stubtest tally_native --allowlist native/stubtest-allowlist.txt
 	@cd native && cargo fmt --check && cargo clippy --quiet --release --all-targets -- -D warnings
 

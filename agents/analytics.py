@@ -45,8 +45,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
+from agents.config import AgentSettings
 from agents.health import HealthSampler, stage_groups
-from pipeline.settings import Settings
 from schemas.rejections import MAX_DEAD_LETTER_BYTES, Reason, Rejection, Stage
 from sinks.clickhouse import BadRowsError, ClickHouseSink
 
@@ -60,15 +60,15 @@ ROW_MARKERS = {"usage_events": b'"specversion"', "charges": b'"charge_id"'}
 _json = msgspec.json.Encoder()
 
 
-def analytics_group(settings: Settings) -> str:
+def analytics_group(settings: AgentSettings) -> str:
     return settings.group_id("analytics")
 
 
-def analytics_topics(settings: Settings) -> list[str]:
+def analytics_topics(settings: AgentSettings) -> list[str]:
     return stage_groups(settings)[analytics_group(settings)]
 
 
-def table_of(settings: Settings) -> dict[str, str]:
+def table_of(settings: AgentSettings) -> dict[str, str]:
     return {
         settings.topic_accepted: "usage_events",
         settings.topic_charges: "charges",
@@ -257,7 +257,7 @@ class AnalyticsAgent:
     """Runs for the worker's lifetime (``pipeline.app``). ``client`` is opened by the caller: with
     the embedded engine only the worker that holds the chdb path runs this agent."""
 
-    def __init__(self, settings: Settings, sink: ClickHouseSink) -> None:
+    def __init__(self, settings: AgentSettings, sink: ClickHouseSink) -> None:
         self.settings = settings
         self.tables = table_of(settings)
         self.batcher = Batcher(

@@ -18,7 +18,7 @@ account's partition (ingest forwards events that came in on another partition). 
 
 The pending marks leave this core as one changelog message per transaction (``encode_marks``), not
 one write per event: state changes are written once per commit, as Kafka Streams' record cache does.
-The shell (``pipeline.transactional``) commits that message, the accepted batch, the rejections and
+The shell (``agents.transactional``) commits that message, the accepted batch, the rejections and
 the consumed offsets in one Kafka transaction, and only then applies the marks to the local store.
 
 Steps 1-4 run compiled, per event, inside the meter's native core (``settle`` in

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import Engine, create_engine
 
-from pipeline.settings import STAGES, Settings
+from agents.config import STAGES, AgentSettings
 from sinks.clickhouse import ClickHouseSink
 from sinks.postgres import customer_balances, sqlalchemy_url
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
 
 
-def stage_groups(settings: Settings) -> dict[str, list[str]]:
+def stage_groups(settings: AgentSettings) -> dict[str, list[str]]:
     """Every stage's consumer group, with the topics it reads."""
     inputs = {
         "meter": [settings.topic_raw],
@@ -38,7 +38,11 @@ def stage_groups(settings: Settings) -> dict[str, list[str]]:
 
 class HealthSampler:
     def __init__(
-        self, settings: Settings, sink: ClickHouseSink, admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer
+        self,
+        settings: AgentSettings,
+        sink: ClickHouseSink,
+        admin: AIOKafkaAdminClient,
+        consumer: AIOKafkaConsumer,
     ) -> None:
         self.settings = settings
         self.sink = sink

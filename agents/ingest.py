@@ -41,8 +41,8 @@ import msgspec
 import xxhash
 from aiokafka.partitioner import murmur2
 
-from pipeline.settings import Settings
-from pipeline.transactional import Outgoing
+from agents.config import AgentSettings
+from agents.transactional import Outgoing
 from schemas.events import (
     GpuUsageEvent,
     SessionStartedEvent,
@@ -372,7 +372,7 @@ def _check_quantity(name: str, value: Decimal) -> tuple[Reason, str] | None:
     return Reason.SCHEMA_VIOLATION, f"{name} has more than {MAX_DIGITS} significant digits{where}"
 
 
-def ingest_core(settings: Settings) -> IngestCore:
+def ingest_core(settings: AgentSettings) -> IngestCore:
     """The core as the settings configure it (one per worker: its partition cache is shared)."""
     policy = IngestPolicy(
         max_message_bytes=settings.max_message_bytes,

@@ -1,6 +1,6 @@
 """Ledger: ``charges`` -> Postgres (charges, double-entry entries, balances).
 
-Runs on the exactly-once loop (``pipeline.transactional``) with no Kafka output: per input
+Runs on the exactly-once loop (``agents.transactional``) with no Kafka output: per input
 partition and poll, in order,
 1. decode the poll's charge batches (a malformed message, or one whose charges break the
    contract in ``schemas.charges``, is dead-lettered, never raised);
@@ -25,9 +25,9 @@ import psycopg
 import sqlalchemy.exc
 from aiokafka.structs import ConsumerRecord
 
+from agents.config import AgentSettings
 from agents.ingest import rejection_message
-from pipeline.settings import Settings
-from pipeline.transactional import Outcome, RetryLaterError, StatelessTask
+from agents.transactional import Outcome, RetryLaterError, StatelessTask
 from schemas.charges import Charge, charges_decoder
 from schemas.rejections import Reason, Rejection, Stage, rejection_counters
 from sinks.postgres import LedgerWriter
@@ -45,7 +45,7 @@ REFUSED = (
 
 
 class LedgerTask(StatelessTask):
-    def __init__(self, settings: Settings, partition: int, writer: LedgerWriter) -> None:
+    def __init__(self, settings: AgentSettings, partition: int, writer: LedgerWriter) -> None:
         self.writer = writer
         self.rejected_topic = settings.topic_rejected
         self.origin_prefix = f"{settings.topic_charges}/{partition}/"
@@ -100,7 +100,7 @@ class LedgerTask(StatelessTask):
 class LedgerStage:
     name = "ledger"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.input_topic = settings.topic_charges
         self.writer = LedgerWriter(settings)  # one connection pool for all partitions

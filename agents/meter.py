@@ -3,7 +3,7 @@
 The logic is pure: ``agents.ingest`` (validate, normalize, route), ``agents.dedupe`` (identity
 marks) and ``agents.window`` (windows, rating). This shell gives them a RocksDB store per input
 partition (``sinks.statestore``) and ONE changelog topic, and runs on the exactly-once loop
-(``pipeline.transactional``), so per poll and partition one Kafka transaction holds: the accepted
+(``agents.transactional``), so per poll and partition one Kafka transaction holds: the accepted
 batch (to the same partition number of ``usage.accepted``: the topics are all partitioned by
 account), the charges of the windows the poll closed (to ``charges``, same partition number), the
 dead letters (ingest's reasons, ``id_conflict``, ``too_late``, ``unpriced``), the events that came
@@ -58,14 +58,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 from tally_native import MeterCore, PollOutput
 
+from agents.config import AgentSettings
 from agents.dedupe import MARKS_RECORD_BYTES, decode_marks, encode_marks
 from agents.ingest import MAX_QUANTITY, IngestCore, epoch_micros, ingest_core, rejection_message
 from agents.plans import Plans
+from agents.transactional import Outcome, Outgoing
 from agents.window import WindowConfig, WindowResult, Windows
 from agents.window_state import Stored
-from pipeline.plans import PlanDirectory
-from pipeline.settings import Settings
-from pipeline.transactional import Outcome, Outgoing
 from schemas.charges import charges_encoder
 from schemas.events import BATCH_CONTENT_TYPE, MAX_BATCH_BYTES, cut_by_size, encode_batch
 from schemas.rejections import Reason, Rejection, Stage, rejection_counters
@@ -77,11 +76,11 @@ log = logging.getLogger(__name__)
 RESTORE_BATCH = 10_000
 
 
-def meter_changelog_topic(settings: Settings) -> str:
+def meter_changelog_topic(settings: AgentSettings) -> str:
     return f"{settings.app_id}-meter-changelog"
 
 
-def window_config(settings: Settings) -> WindowConfig:
+def window_config(settings: AgentSettings) -> WindowConfig:
     return WindowConfig(
         size=int(settings.window_size.total_seconds()),
         grace=int(settings.window_grace.total_seconds()),
@@ -93,7 +92,7 @@ def window_config(settings: Settings) -> WindowConfig:
 class MeterTask:
     def __init__(
         self,
-        settings: Settings,
+        settings: AgentSettings,
         partition: int,
         store: Store,
         plans: Plans,
@@ -234,10 +233,12 @@ def _reject(reason: Reason, detail: str, raw: bytes, origin: str) -> Rejection:
 class MeterStage:
     name = "meter"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: AgentSettings, plans: Plans) -> None:
+        """``plans``: the plan directory every partition's task reads (one, with its connection:
+        pipeline builds it, pipeline/plans.py)."""
         self.settings = settings
         self.input_topic = settings.topic_raw
-        self.plans = PlanDirectory(settings)  # one directory (and connection) for all partitions
+        self.plans = plans
         self.ingest = ingest_core(settings)
 
     async def open_task(self, partition: int) -> MeterTask:
@@ -261,7 +262,7 @@ class MeterStage:
         return MeterTask(self.settings, partition, store, self.plans, self.ingest)
 
 
-def mark_ttl(settings: Settings) -> timedelta:
+def mark_ttl(settings: AgentSettings) -> timedelta:
     """How long a mark lives: the horizon, plus the clock skew ingest tolerates and a day of
     backlog, so a copy that ingest still accepts always finds its mark (the changelog's retention
     is horizon + 1 day as well)."""
@@ -272,7 +273,7 @@ class StoreAheadOfChangelogError(RuntimeError):
     """The local store says it applied changelog records the changelog does not have."""
 
 
-async def restore(settings: Settings, topic: str, partition: int, store: PartitionStore) -> int:
+async def restore(settings: AgentSettings, topic: str, partition: int, store: PartitionStore) -> int:
     """Replay committed changelog records the store has not applied yet; return how many."""
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(

@@ -6,7 +6,7 @@ network, batching and compression run outside the GIL would be worth (bench/mete
 ``usage.raw`` (bench/meter's batch data), each client runs the loop Tally's stages run: consume a
 poll (read-committed), produce one output per input message (the value plus a fifth: usage.valid
 records are that much larger than the events), commit the offsets in the transaction, zstd on.
-- aiokafka 0.14 as ``pipeline.transactional`` uses it: ``getmany``, a transactional producer per
+- aiokafka 0.14 as ``agents.transactional`` uses it: ``getmany``, a transactional producer per
   input partition, one transaction per partition and poll;
 - confluent-kafka (librdkafka; installed with the bench's quix-streams peer): ``consume``, one
   transactional producer, one transaction per poll (KIP-447 group metadata).

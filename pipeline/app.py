@@ -18,9 +18,10 @@ from mode import Service
 from agents.analytics import AnalyticsAgent
 from agents.ledger import LedgerStage
 from agents.meter import MeterStage
+from agents.transactional import Stage, TransactionalLoop
 from pipeline import kafka_frames
+from pipeline.plans import PlanDirectory
 from pipeline.settings import Settings
-from pipeline.transactional import Stage, TransactionalLoop
 from sinks.clickhouse import ClickHouseSink, PathLockedError, connect, endpoint_file, migrate
 from sinks.clickhouse_http import ClickHouseHttpServer
 
@@ -159,7 +160,7 @@ class AnalyticsService(Service):
 
 
 def stages(settings: Settings) -> list[Stage]:
-    return [MeterStage(settings), LedgerStage(settings)]
+    return [MeterStage(settings, PlanDirectory(settings)), LedgerStage(settings)]
 
 
 def create_app(settings: Settings) -> faust.App:

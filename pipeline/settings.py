@@ -16,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agents.config import STAGES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,9 +33,6 @@ def mask_url(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-STAGES = ("meter", "ledger", "analytics")
 
 
 class Settings(BaseSettings):

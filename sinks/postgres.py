@@ -71,8 +71,8 @@ PLATFORM = "platform"
 
 
 class PostgresSettings(Protocol):
-    """What this sink reads of the worker's settings (pipeline builds them; a sink does not
-    import pipeline): the database's URL, as libpq takes it."""
+    """What this sink reads of the worker's settings, which the wiring layer builds (the layers:
+    docs/ARCHITECTURE.md): the database's URL, as libpq takes it."""
 
     @property
     def postgres_url(self) -> str: ...

@@ -9,7 +9,7 @@
 //! accepted events as CloudEvents batches, the forwarded ones per partition, the new marks and
 //! their changelog records, the dead letters). Nothing here is written anywhere: the shell
 //! commits the outputs and the marks in one Kafka transaction, then applies the marks to the store
-//! (pipeline/transactional.py's steps).
+//! (agents/transactional.py's steps).
 //!
 //! Dedupe reads the store once per chunk of up to `CHUNK_EVENTS` events (one multi-get: it
 //! releases the GIL), not once per event; the pending marks are checked first, so a repeat within

@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaProducer
 
 from agents.dedupe import encode_marks
 from agents.meter import MeterStage, mark_ttl, meter_changelog_topic
+from pipeline.plans import PlanDirectory
 from pipeline.testing import isolated_settings
 from schemas.events import fingerprint, identity_key
 from sinks.statestore import PartitionStore
@@ -29,7 +30,7 @@ def test_store_catches_up_from_the_changelog_and_is_rebuilt_when_ahead_of_it(tmp
             await producer.stop()
 
     async def open_partition() -> tuple[int, bytes | None]:
-        task = await MeterStage(settings).open_task(0)
+        task = await MeterStage(settings, PlanDirectory(settings)).open_task(0)
         try:
             return task.store.next_changelog_offset, task.store.get(identity_key("src", "e1"))
         finally:
@@ -47,7 +48,7 @@ def test_store_catches_up_from_the_changelog_and_is_rebuilt_when_ahead_of_it(tmp
     stale.close()
 
     async def reopen_p0() -> bytes | None:
-        task = await MeterStage(settings).open_task(0)
+        task = await MeterStage(settings, PlanDirectory(settings)).open_task(0)
         try:
             assert task.store.next_changelog_offset < 1_000_000
             return task.store.get(identity_key("src", "ghost"))

@@ -14,8 +14,8 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 from agents.ingest import ingest_core
 from agents.meter import MeterTask
 from agents.plans import AccountPlan, FixedPlans, PlanHistory
+from agents.transactional import Outcome, Outgoing
 from pipeline.settings import REPO_ROOT, Settings, load_settings
-from pipeline.transactional import Outcome, Outgoing
 from schemas.charges import Charge, charges_decoder
 from schemas.events import batch_splitter
 from schemas.pricebook import load_price_book

@@ -44,7 +44,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from pipeline.settings import Settings
+from agents.config import AgentSettings
 from schemas.rejections import MAX_DEAD_LETTER_BYTES
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Stage(Protocol):
 class TransactionalLoop:
     """Runs one stage: consumer group ``<app>-<stage>``, a transactional producer per partition."""
 
-    def __init__(self, settings: Settings, stage: Stage, clock: Clock = utc_now) -> None:
+    def __init__(self, settings: AgentSettings, stage: Stage, clock: Clock = utc_now) -> None:
         self.settings = settings
         self.stage = stage
         self.clock = clock
