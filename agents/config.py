@@ -12,12 +12,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
+from sinks.postgres import PostgresSettings
+
 # The consuming stages a worker can run, in the order a worker starts them.
 STAGES = ("meter", "ledger", "analytics")
 
 
-class AgentSettings(Protocol):
-    """The settings the stages and their runtime read (read-only)."""
+class AgentSettings(PostgresSettings, Protocol):
+    """The settings the stages and their runtime read (read-only); the Postgres URL is the
+    ledger's writer's and the health sampler's (``PostgresSettings``)."""
 
     # Kafka, and the stage runtime (agents.transactional).
     @property
@@ -72,10 +75,6 @@ class AgentSettings(Protocol):
     @property
     def state_dir(self) -> Path: ...
     def known_accounts(self) -> frozenset[str] | None: ...
-
-    # Postgres (the ledger's writer, the health sampler's balances).
-    @property
-    def postgres_url(self) -> str: ...
 
     # Analytics.
     @property

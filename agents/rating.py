@@ -38,7 +38,6 @@ EXACT = decimal.Context(
     traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow, decimal.Inexact],
 )
 _ZERO = Decimal(0)
-_NOTHING = Fraction(0)
 Money = Fraction | Decimal | int
 
 
@@ -160,8 +159,9 @@ class Linear:
         unit; None: no rest); return (its charge, the platform fee split off it)."""
         self.exact = EXACT.add(self.exact, amount)
         numerator, denominator = self.exact.as_integer_ratio()
-        if rest is not None or self.rest is not None:
-            self.rest = (self.rest or _NOTHING) + (rest or _NOTHING)
+        if rest is not None:
+            self.rest = rest if self.rest is None else self.rest + rest
+        if self.rest is not None:
             total = Fraction(numerator, denominator) + self.rest
             numerator, denominator = total.numerator, total.denominator
         line = round_half_even(numerator * 10**decimals, denominator * per) - self.charged

@@ -430,7 +430,7 @@ def _charge(  # noqa: PLR0917  # one positional per column
 ) -> Charge:
     account, meter, dims, start = key
     return Charge(
-        charge_id=charge_id_of(account, meter, _dims_text(dims), _start_text(start), revision),
+        charge_id=_charge_id(key, revision),
         account=account,
         meter=meter,
         dimensions=dict(dims),

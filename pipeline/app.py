@@ -160,7 +160,14 @@ class AnalyticsService(Service):
 
 
 def stages(settings: Settings) -> list[Stage]:
-    return [MeterStage(settings, PlanDirectory(settings)), LedgerStage(settings)]
+    """The transactional stages this worker runs (a worker without the meter never loads plans
+    or price books)."""
+    built: list[Stage] = []
+    if "meter" in settings.stage_names:
+        built.append(MeterStage(settings, PlanDirectory(settings)))
+    if "ledger" in settings.stage_names:
+        built.append(LedgerStage(settings))
+    return built
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -182,8 +189,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=settings.session_timeout_ms / 3000,
     )
     for stage in stages(settings):
-        if stage.name in settings.stage_names:
-            app.service(service_for(TransactionalLoop(settings, stage)))
+        app.service(service_for(TransactionalLoop(settings, stage)))
     if "analytics" in settings.stage_names:
         app.service(type("AnalyticsWorkerService", (AnalyticsService,), {"settings": settings}))
     return app

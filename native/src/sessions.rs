@@ -12,6 +12,7 @@
 
 use crate::decimal::{exact_text, text, Arith, Dec, Exact};
 use crate::msgpack::{self, Reader, Value};
+use crate::time::floor_seconds;
 
 /// A GPU session in memory: (account, session id), interned.
 pub type SessionId = (u32, u32);
@@ -124,7 +125,7 @@ impl GpuSession {
     /// When the session idles out without another heartbeat (epoch seconds): the end of its
     /// latest heartbeat's interval plus `idle_timeout`.
     pub fn idle_end(&self, idle_timeout: i64) -> i64 {
-        self.last_us.div_euclid(1_000_000) + self.last_interval + idle_timeout
+        floor_seconds(self.last_us) + self.last_interval + idle_timeout
     }
 
     /// The rounding this session owes once ended: its time up to the granularity, at least the

@@ -113,12 +113,11 @@ def test_a_linear_periods_lines_add_up_to_its_total_rounded_once(pieces: list[in
     period = Linear(LinearPeriod())
     lines, fees, total = [], [], Fraction(0)
     for i, piece in enumerate(pieces):
-        # Alternately a decimal amount and one with a fraction (a VRAM share), over the divisor.
-        amount, rest = (
-            (Decimal(piece), Fraction(0)) if i % 2 else (Decimal(piece // 3), Fraction(piece % 7, 3))
-        )
+        # Alternately a decimal amount (no rest: None, as a window without VRAM shares passes) and
+        # one with a fraction (a VRAM share), over the divisor.
+        amount, rest = (Decimal(piece), None) if i % 2 == 0 else (Decimal(piece // 3), Fraction(piece % 7, 3))
         line, fee = period.charge(amount, rest, 7 * 10**7, 6, Decimal("5"))
-        total += (Fraction(amount) + rest) / (7 * 10**7)
+        total += (Fraction(amount) + (rest or 0)) / (7 * 10**7)
         lines.append(line)
         fees.append(fee)
         assert abs(fee) <= abs(line) and fee * line >= 0
