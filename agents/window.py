@@ -62,6 +62,7 @@ from agents.window_state import (
     Stored,
     Tally,
     WindowKey,
+    closed_revision,
     codec,
     decode_key,
     period_decoders,
@@ -242,9 +243,10 @@ class _Closing:
         account, meter, dims, start = key
         closed_key = CLOSED + raw_key[len(OPEN) :]
         previous = _get(self.result.changes, closed_key, self.windows.read)
-        before = tally_decoder.decode(previous) if previous else None
-        revision = before.revision + 1 if before else 0
-        charged = before.charged if before else 0
+        revision = closed_revision(previous) + 1
+        # The window's last revision is all an adjustment needs of it (a charge id per revision);
+        # what it charged is the period state's.
+        self.result.changes[closed_key] = codec.encode(revision)
         decimals = self._decimals(tally.book)
         period = period_of(start)
         per = divisor(meter)
@@ -253,9 +255,6 @@ class _Closing:
             if line is None:
                 # Dead-lettered: nothing charged, but the revision is used, so a later adjustment
                 # of the window that cannot be priced either gets an identity of its own.
-                empty = Tally(0, _ZERO, tally.unit, tally.version, book=tally.book, since=tally.since)
-                used = msgspec.structs.replace(before or empty, revision=revision)
-                self.result.changes[closed_key] = codec.encode(used)
                 return
             fee = 0
             quantity = Decimal(tally.quantity)
@@ -277,9 +276,6 @@ class _Closing:
         self.result.charges.append(
             _charge(key, revision, tally.unit, quantity, unit_price, line, tally, fee, self.rated_at)
         )
-        # The window's last revision and what its revisions charged, with its latest usage.
-        closed = msgspec.structs.replace(tally, revision=revision, charged=charged + line)
-        self.result.changes[closed_key] = codec.encode(closed)
 
     def _decimals(self, book: str | None) -> int:
         """The base units of the token a window's book charges in."""

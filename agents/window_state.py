@@ -20,7 +20,7 @@ from agents.rating import LinearPeriod, PeriodFees, SegmentedPeriod
 from sinks.statestore import Store
 
 OPEN = b"\x00o"  # + window key: an open window's Tally
-CLOSED = b"\x00c"  # + window key: a closed window's last revision and what it charged (Tally)
+CLOSED = b"\x00c"  # + window key: a closed window's last revision (an int; ``closed_revision``)
 LINEAR = b"\x00l"  # + period key: a time meter's billing period (LinearPeriod)
 SEGMENTS = b"\x00m"  # + period key: a period meter's billing period (SegmentedPeriod)
 FEES = b"\x00f"  # + period key: an account's API tier fees in a period (PeriodFees)
@@ -39,7 +39,8 @@ class Tally(msgspec.Struct, array_like=True, gc=False):
     """A window's usage (native/src/state.rs writes it): quantity, exact amount (the part over 1,
     plus ``fractions``: (denominator, numerator) of GPU rates with a VRAM share), unit, the
     price-book version and book, when its plan-and-version segment began, GPU provider and platform
-    fee percent; for a closed window (``CLOSED``) also its last revision and what it charged."""
+    fee percent. ``revision`` and ``charged`` are -1 and 0 in every record written now (closed
+    windows kept a Tally before, with their last revision: ``closed_revision`` reads both)."""
 
     quantity: Decimal | int  # int for counted meters (requests, tokens, seconds)
     amount: Decimal
@@ -65,6 +66,17 @@ class Tally(msgspec.Struct, array_like=True, gc=False):
 
 
 tally_decoder = msgspec.msgpack.Decoder(Tally)
+_closed_decoder = msgspec.msgpack.Decoder(int | Tally)
+
+
+def closed_revision(raw: bytes | None) -> int:
+    """A closed window's last revision (``CLOSED``): -1 when it never closed."""
+    if raw is None:
+        return -1
+    found = _closed_decoder.decode(raw)
+    return found if isinstance(found, int) else found.revision
+
+
 period_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
     kind: msgspec.msgpack.Decoder(kind) for kind in (LinearPeriod, SegmentedPeriod, PeriodFees)
 }

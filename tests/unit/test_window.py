@@ -17,10 +17,12 @@ import pytest
 from agents.plans import AccountPlan
 from agents.rating import base_units
 from agents.window import TooLateError, UnpricedError
-from agents.window_state import OPEN, Tally
+from agents.window_state import CLOSED, OPEN, Tally, closed_revision
 from schemas.charges import charge_id
 from schemas.events import UsageEvent
 from tests.unit.windows_support import BOOK, RATED_AT, T0, Partition, event
+
+OPEN_START_T0 = msgspec.msgpack.encode(int(T0.timestamp()))  # a window key ends with its start
 
 PLANS: dict[str, AccountPlan] = {
     "acct-api": AccountPlan(BOOK, "startup"),
@@ -76,6 +78,22 @@ def test_an_event_within_grace_joins_its_open_window_and_a_later_one_is_an_adjus
     assert [(c.revision, c.amount_base_units) for c in result.charges] == [
         (2, gpu_window_amount(5) - gpu_window_amount(3))
     ]
+
+
+def test_an_adjustment_follows_a_closed_window_recorded_in_the_former_format() -> None:
+    """Closed windows were kept as their whole Tally; a store written so still gives a late event
+    the window's next revision (a new charge id, never a repeated one)."""
+    p = Partition(PLANS)
+    p.poll(event("gpu.usage.v1", T0), event("gpu.usage.v1", T0 + timedelta(minutes=20), serial=1))
+    [closed_key] = [k for k in p.store if k.startswith(CLOSED) and k.endswith(OPEN_START_T0)]
+    assert closed_revision(p.store[closed_key]) == 0
+    former = Tally(1, Decimal("0.5"), "hour", "v1", revision=3, charged=7)
+    p.store[closed_key] = msgspec.msgpack.encode(former)
+    p.reopen()
+    [adjustment] = p.poll(event("gpu.usage.v1", T0 + timedelta(seconds=40), serial=2)).charges
+    assert adjustment.window_start == T0 and adjustment.revision == 4
+    assert closed_revision(p.store[closed_key]) == 4
+    assert closed_revision(None) == -1
 
 
 def test_beyond_the_correction_horizon_is_too_late() -> None:
