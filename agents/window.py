@@ -174,10 +174,14 @@ class Windows:
         closing = _Closing(self, result, rated_at)
         due, late = self.core.close(wall_clock)
         for raw_key, raw_tally in due:
-            closing.rate(raw_key, tally_decoder.decode(raw_tally))
+            # Its first close: the core opens a window only before its close time and the
+            # watermark never goes back, so a window it closes never closed before (no store read).
+            closing.rate(raw_key, tally_decoder.decode(raw_tally), revision=0)
             result.changes[raw_key] = b""  # the window leaves the open set
         for raw_key, raw_tally in late:
-            closing.rate(raw_key, tally_decoder.decode(raw_tally))
+            closed = CLOSED + raw_key[len(OPEN) :]
+            revision = closed_revision(_get(result.changes, closed, self.read)) + 1
+            closing.rate(raw_key, tally_decoder.decode(raw_tally), revision)
             result.adjustments += 1
         closing.fees()
         result.closed = len(due)
@@ -237,16 +241,14 @@ class _Closing:
             self.result.changes[key] = codec.encode(state.state() if isinstance(state, Linear) else state)
             periods[key] = state
 
-    def rate(self, raw_key: bytes, tally: Tally) -> None:
-        """Rate one window (``raw_key``: its ``OPEN`` state key, as the native core gives it)."""
+    def rate(self, raw_key: bytes, tally: Tally, revision: int) -> None:
+        """Rate one window (``raw_key``: its ``OPEN`` state key, as the native core gives it) as its
+        ``revision``."""
         key = decode_key(raw_key)
         account, meter, dims, start = key
-        closed_key = CLOSED + raw_key[len(OPEN) :]
-        previous = _get(self.result.changes, closed_key, self.windows.read)
-        revision = closed_revision(previous) + 1
         # The window's last revision is all an adjustment needs of it (a charge id per revision);
         # what it charged is the period state's.
-        self.result.changes[closed_key] = codec.encode(revision)
+        self.result.changes[CLOSED + raw_key[len(OPEN) :]] = codec.encode(revision)
         decimals = self._decimals(tally.book)
         period = period_of(start)
         per = divisor(meter)
