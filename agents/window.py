@@ -174,13 +174,16 @@ class Windows:
         closing = _Closing(self, result, rated_at)
         due, late = self.core.close(wall_clock)
         for raw_key, raw_tally in due:
-            # Its first close: the core opens a window only before its close time and the
-            # watermark never goes back, so a window it closes never closed before (no store read).
+            # Revision 0, with nothing to read or write of revisions: the core opens a window only
+            # before its close time and the watermark never goes back, so it closes once.
             closing.rate(raw_key, tally_decoder.decode(raw_tally), revision=0)
             result.changes[raw_key] = b""  # the window leaves the open set
         for raw_key, raw_tally in late:
+            # Adjustments count from 1 (whether or not the window had usage when it closed); the
+            # last one is kept (``CLOSED``) for the next.
             closed = CLOSED + raw_key[len(OPEN) :]
             revision = closed_revision(_get(result.changes, closed, self.read)) + 1
+            result.changes[closed] = codec.encode(revision)
             closing.rate(raw_key, tally_decoder.decode(raw_tally), revision)
             result.adjustments += 1
         closing.fees()
@@ -246,9 +249,6 @@ class _Closing:
         ``revision``."""
         key = decode_key(raw_key)
         account, meter, dims, start = key
-        # The window's last revision is all an adjustment needs of it (a charge id per revision);
-        # what it charged is the period state's.
-        self.result.changes[CLOSED + raw_key[len(OPEN) :]] = codec.encode(revision)
         decimals = self._decimals(tally.book)
         period = period_of(start)
         per = divisor(meter)

@@ -20,7 +20,7 @@ from agents.rating import LinearPeriod, PeriodFees, SegmentedPeriod
 from sinks.statestore import Store
 
 OPEN = b"\x00o"  # + window key: an open window's Tally
-CLOSED = b"\x00c"  # + window key: a closed window's last revision (an int; ``closed_revision``)
+CLOSED = b"\x00c"  # + window key: a window's last adjustment (its revision; ``closed_revision``)
 LINEAR = b"\x00l"  # + period key: a time meter's billing period (LinearPeriod)
 SEGMENTS = b"\x00m"  # + period key: a period meter's billing period (SegmentedPeriod)
 FEES = b"\x00f"  # + period key: an account's API tier fees in a period (PeriodFees)
@@ -39,8 +39,8 @@ class Tally(msgspec.Struct, array_like=True, gc=False):
     """A window's usage (native/src/state.rs writes it): quantity, exact amount (the part over 1,
     plus ``fractions``: (denominator, numerator) of GPU rates with a VRAM share), unit, the
     price-book version and book, when its plan-and-version segment began, GPU provider and platform
-    fee percent. ``revision`` and ``charged`` are -1 and 0 in every record written now (closed
-    windows kept a Tally before, with their last revision: ``closed_revision`` reads both)."""
+    fee percent. ``revision`` and ``charged`` are -1 and 0 in every record written now (``CLOSED``
+    records were Tallies before, with their last revision: ``closed_revision`` reads both)."""
 
     quantity: Decimal | int  # int for counted meters (requests, tokens, seconds)
     amount: Decimal
@@ -70,9 +70,10 @@ _closed_decoder = msgspec.msgpack.Decoder(int | Tally)
 
 
 def closed_revision(raw: bytes | None) -> int:
-    """A closed window's last revision (``CLOSED``): -1 when it never closed."""
+    """A closed window's last revision (its ``CLOSED`` record): 0, its close, when it has had no
+    adjustment. What it charged is its billing period's (``LINEAR``, ``SEGMENTS``)."""
     if raw is None:
-        return -1
+        return 0
     found = _closed_decoder.decode(raw)
     return found if isinstance(found, int) else found.revision
 

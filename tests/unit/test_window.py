@@ -80,20 +80,24 @@ def test_an_event_within_grace_joins_its_open_window_and_a_later_one_is_an_adjus
     ]
 
 
-def test_an_adjustment_follows_a_closed_window_recorded_in_the_former_format() -> None:
-    """Closed windows were kept as their whole Tally; a store written so still gives a late event
-    the window's next revision (a new charge id, never a repeated one)."""
+def test_a_window_keeps_its_last_adjustment_and_reads_the_former_format() -> None:
+    """A close writes no record of its revision (0); an adjustment keeps its own, the next one
+    counts on from it. Closed windows were kept as their whole Tally: a store written so still
+    gives a late event the window's next revision (a new charge id, never a repeated one)."""
     p = Partition(PLANS)
     p.poll(event("gpu.usage.v1", T0), event("gpu.usage.v1", T0 + timedelta(minutes=20), serial=1))
-    [closed_key] = [k for k in p.store if k.startswith(CLOSED) and k.endswith(OPEN_START_T0)]
-    assert closed_revision(p.store[closed_key]) == 0
-    former = Tally(1, Decimal("0.5"), "hour", "v1", revision=3, charged=7)
-    p.store[closed_key] = msgspec.msgpack.encode(former)
-    p.reopen()
+    closed_key = CLOSED + next(k for k in p.results[0].changes if k.endswith(OPEN_START_T0))[len(OPEN) :]
+    assert closed_key not in p.store and closed_revision(None) == 0
     [adjustment] = p.poll(event("gpu.usage.v1", T0 + timedelta(seconds=40), serial=2)).charges
+    assert adjustment.window_start == T0 and adjustment.revision == 1
+    assert closed_revision(p.store[closed_key]) == 1
+    p.store[closed_key] = msgspec.msgpack.encode(
+        Tally(1, Decimal("0.5"), "hour", "v1", revision=3, charged=7)
+    )
+    p.reopen()
+    [adjustment] = p.poll(event("gpu.usage.v1", T0 + timedelta(seconds=41), serial=3)).charges
     assert adjustment.window_start == T0 and adjustment.revision == 4
     assert closed_revision(p.store[closed_key]) == 4
-    assert closed_revision(None) == -1
 
 
 def test_beyond_the_correction_horizon_is_too_late() -> None:
