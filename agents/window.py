@@ -213,7 +213,7 @@ class _Closing:
         if found is None:
             raw = _get(self.result.changes, key, self.windows.read)
             stored = period_decoders[kind].decode(raw) if raw else kind()
-            found = Linear(stored) if isinstance(stored, LinearPeriod) else stored
+            found = Linear.of(stored) if isinstance(stored, LinearPeriod) else stored
         self.states[key] = found
         return found
 
@@ -221,7 +221,7 @@ class _Closing:
         found = self.states.get(key) or self.windows.periods.get(key)
         if found is None:
             raw = _get(self.result.changes, key, self.windows.read)
-            found = Linear(period_decoders[LinearPeriod].decode(raw) if raw else LinearPeriod())
+            found = Linear.of(period_decoders[LinearPeriod].decode(raw) if raw else LinearPeriod())
         self.states[key] = found
         assert type(found) is Linear
         return found

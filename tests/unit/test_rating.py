@@ -110,7 +110,7 @@ def test_prices_are_exact_far_beyond_28_digits() -> None:
 def test_a_linear_periods_lines_add_up_to_its_total_rounded_once(pieces: list[int]) -> None:
     """However a period's exact amount arrives (windows, revisions, corrections of either sign),
     its charges add up to the total rounded once, and each fee is its charge's share."""
-    period = Linear(LinearPeriod())
+    period = Linear.of(LinearPeriod())
     lines, fees, total = [], [], Fraction(0)
     for i, piece in enumerate(pieces):
         # Alternately a decimal amount (no rest: None, as a window without VRAM shares passes) and

@@ -17,7 +17,14 @@ import pytest
 from agents.plans import AccountPlan
 from agents.rating import base_units
 from agents.window import TooLateError, UnpricedError
-from agents.window_state import CLOSED, OPEN, Tally, closed_revision
+from agents.window_state import (
+    CLOSED,
+    OPEN,
+    Tally,
+    closed_revision,
+    decode_key,
+    state_key,
+)
 from schemas.charges import charge_id
 from schemas.events import UsageEvent
 from tests.unit.windows_support import BOOK, RATED_AT, T0, Partition, event
@@ -98,6 +105,20 @@ def test_a_window_keeps_its_last_adjustment_and_reads_the_former_format() -> Non
     [adjustment] = p.poll(event("gpu.usage.v1", T0 + timedelta(seconds=41), serial=3)).charges
     assert adjustment.window_start == T0 and adjustment.revision == 4
     assert closed_revision(p.store[closed_key]) == 4
+
+
+def test_the_native_cores_window_keys_are_the_ones_python_encodes() -> None:
+    """Closing re-prefixes the core's open keys (``CLOSED`` + the rest): the same bytes as encoded."""
+    p = Partition(PLANS)
+    p.poll(
+        event("gpu.usage.v1", T0),
+        event("api.request.v1", T0, "acct-api", serial=1),
+        event("storage.usage.v1", T0, serial=2),
+    )
+    raw_keys = [raw for raw, _ in p.windows.core.open_windows()]
+    assert len(raw_keys) == 3
+    for raw in raw_keys:
+        assert state_key(OPEN, decode_key(raw)) == raw
 
 
 def test_beyond_the_correction_horizon_is_too_late() -> None:
