@@ -1,4 +1,4 @@
-"""Analytics: ``usage.accepted``, ``charges`` and ``usage.rejected`` -> ClickHouse (issue 5).
+"""Analytics: ``usage.accepted``, ``charges`` and ``usage.rejected`` -> ClickHouse.
 
 Per input partition, records collect into a batch that is inserted as ONE block once it holds
 ``analytics_batch_rows`` rows or is ``analytics_batch_interval`` old. Rows are never decoded in

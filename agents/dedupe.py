@@ -1,6 +1,6 @@
 """Dedupe: the meter's step after ingest, validated events -> accepted ones (pure core).
 
-An event's identity is (source, id) (DESIGN.md "Identity"). Every event of an account, and so
+An event's identity is (source, id): its CloudEvents ``source`` and ``id``. Every event of an account, and so
 every repeat of one (source, id) sent for that account, is deduped by the meter task of the
 account's partition (ingest forwards events that came in on another partition). Per event:
 

@@ -11,9 +11,9 @@ in on another account's partition (forwarded, normalized, to that account's part
 ``usage.raw``), ONE changelog message with every state change of the poll (new marks, open and
 closed windows, period usage, watermark), and the consumed offsets.
 
-Why ingest is a step here and not a stage of its own (DESIGN.md drew ``usage.raw -> [ingest] ->
-usage.valid -> [meter]``): producers key ``usage.raw`` by account with Kafka's default partitioner,
-the same one ingest routes by, so nearly every event is already on its meter's partition. A hop
+Why ingest is a step here and not a stage of its own (``usage.raw -> [ingest] -> usage.valid ->
+[meter]``; docs/ARCHITECTURE.md): producers key ``usage.raw`` by account with Kafka's default
+partitioner, the same one ingest routes by, so nearly every event is already on its meter's partition. A hop
 through ``usage.valid`` cost every event a produce, a fetch and a decode on the worker's thread:
 bench/meter batch read 69,983 events/s without that hop against 61,609 with it, in the same hour.
 A forwarded event is validated again by its account's partition (it is normalized, so it passes

@@ -1,4 +1,4 @@
-"""The exactly-once loop every Kafka-to-Kafka stage runs on (DESIGN.md throughput rule 4).
+"""The exactly-once loop every Kafka-to-Kafka stage runs on (why not Faust's: docs/ARCHITECTURE.md).
 
 A stage reads its input topic with aiokafka ``getmany`` and, per input partition and poll, writes
 everything that batch caused (outputs, dead letters, state changelog) and the consumed offsets in

@@ -11,7 +11,7 @@ One run, on the embedded engine (chdb, a fresh path) with the DDL applied:
    over each range a user picks (revenue and usage: 6 h, 24 h, 7 and 30 days; pipeline health: 1,
    3 and 24 hours), 20 times each after one warm-up run, through the same client; p50 and p95.
 Results: ``bench/results/analytics-10m.json`` and the table in ``bench/README.md``.
-Targets (issue 5, this 2-core machine): sink >= 200,000 rows/s; every dashboard query p95 <= 100 ms.
+Targets (this 2-core machine): sink >= 200,000 rows/s; every dashboard query p95 <= 100 ms.
 """
 
 from __future__ import annotations

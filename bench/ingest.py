@@ -10,7 +10,7 @@ read three ways in one run:
   late adjustments;
 - peer (single-event only): quix-streams' exactly-once 1:1 forward of the same messages.
 Results: ``bench/results/ingest-<shape>.json`` and the table in ``bench/README.md``.
-Targets (issue 3, one worker process, this 2-core machine): batch >= 100,000 events/s,
+Targets (one worker process, this 2-core machine): batch >= 100,000 events/s,
 single-event >= 50,000 events/s.
 """
 

@@ -16,7 +16,7 @@ watermark passes them. For each shape (single-event messages, 100-event batches)
 ``batch-split`` runs the batch data on two worker processes (ingest | meter + ledger), for
 comparison: the targets are for one.
 Results: ``bench/results/meter-<shape>.json`` and the table in ``bench/README.md``.
-Targets (issue 4, one worker process, this 2-core machine): batch >= 80,000 events/s, single
+Targets (one worker process, this 2-core machine): batch >= 80,000 events/s, single
 >= 40,000 events/s, window close -> charge row p99 <= 2 s.
 """
 

@@ -1,9 +1,9 @@
 """The Faust app factory: ``tally worker`` runs this app.
 
 The money path's stages (the meter: ingest, dedupe, windows, rating; the ledger) run as services
-inside the Faust app on aiokafka directly (DESIGN.md throughput rule 4, and docs/ARCHITECTURE.md
-for why): Faust's per-message path costs ~75 us and its tables write one changelog record per
-assignment, where these stages need one transaction and one changelog record per poll.
+inside the Faust app on aiokafka directly (docs/ARCHITECTURE.md for why): Faust's per-message
+path costs ~75 us and its tables write one changelog record per assignment, where these stages
+need one transaction and one changelog record per poll.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ console = Console(stderr=True)
 
 
 def settings_or_exit() -> Settings:
-    """The settings, or exit 2 listing every problem (DESIGN.md: a bad setting stops start-up)."""
+    """The settings, or exit 2 listing every problem (a bad setting stops start-up: pipeline/settings.py)."""
     try:
         return load_settings()
     except SettingsError as exc:

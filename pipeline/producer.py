@@ -1,7 +1,7 @@
 """The async producer client other services use to publish usage to ``usage.raw``.
 
-Events are grouped per account and sent as CloudEvents batches (DESIGN.md rule 1), one Kafka
-message per account and chunk, keyed by the account, so Kafka's default partitioner puts an
+Events are grouped per account and sent as CloudEvents batches (the fast shape: bench/ingest),
+one Kafka message per account and chunk, keyed by the account, so Kafka's default partitioner puts an
 account's messages on one partition in order. ``send_events`` returns only once every message
 is acknowledged by all in-sync replicas (``acks=all``, idempotent producer: a retry never
 duplicates a message).

@@ -1,4 +1,4 @@
-"""The one typed settings object (DESIGN.md "Settings").
+"""The one typed settings object: every ``TALLY_`` variable, checked together at start-up.
 
 Every environment read of the project happens here: variables are prefixed ``TALLY_``, validated at
 start-up, and every problem is reported at once (``tally config --check``). Secrets are held as
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     worker_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "worker-1"
     app_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "tally"
 
-    # Topics (DESIGN.md data flow).
+    # Topics (docs/ARCHITECTURE.md, "Following one event").
     topic_raw: str = "usage.raw"
     topic_accepted: str = "usage.accepted"
     topic_rejected: str = "usage.rejected"

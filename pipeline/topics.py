@@ -1,4 +1,4 @@
-"""Topic declarations (DESIGN.md data flow) and ``tally topics create``.
+"""Topic declarations (docs/ARCHITECTURE.md, "Following one event") and ``tally topics create``.
 
 Every topic has the same partition count: producers key and ingest routes by
 ``murmur2(account) % partitions``, and each keyed stage writes its output to the same partition

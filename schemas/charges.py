@@ -1,4 +1,4 @@
-"""Charge records: what rating produces and the ledger stores (DESIGN.md "Charge identity").
+"""Charge records: what rating produces and the ledger stores (docs/PRICING.md, "Windows, revisions").
 
 A charge is identified by UUIDv5 over (account, meter, dimensions, window start, revision): the
 same window rated again (a replay, a second worker) gets the same id, so every sink can be

@@ -1,4 +1,5 @@
-"""Event contracts: the CloudEvents 1.0 envelope and the usage payloads (DESIGN.md "Contracts").
+"""Event contracts: the CloudEvents 1.0 envelope and the usage payloads producers write
+(docs/ARCHITECTURE.md, "Following one event").
 
 One Kafka message carries either a single structured CloudEvent (a JSON object) or a CloudEvents
 batch (``application/cloudevents-batch+json``: a JSON array of them). Each event type is a msgspec

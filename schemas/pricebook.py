@@ -1,4 +1,4 @@
-"""Price books: YAML files validated into typed models (issue 4, DESIGN.md "Money").
+"""Price books: YAML files validated into typed models (docs/PRICING.md).
 
 Prices are decimal strings (or YAML numbers, which the loader reads as ``Decimal`` from their text,
 never through a float). A book holds versions by effective date, so usage is always rated at the

@@ -1,4 +1,4 @@
-"""The dead-letter contract: why an event was not accepted (DESIGN.md "Rejection").
+"""The dead-letter contract: why an event was not accepted, with the original kept for replay.
 
 A rejected event goes to ``usage.rejected`` as its original bytes, untouched, with the reason in
 Kafka headers (the Kafka Connect DLQ convention), so any client can read, fix and replay it:

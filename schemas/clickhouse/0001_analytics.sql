@@ -1,4 +1,4 @@
--- Analytics tables (issue 5). Applied by `tally db upgrade` (sinks/clickhouse.py: each file once,
+-- Analytics tables. Applied by `tally db upgrade` (sinks/clickhouse.py: each file once,
 -- in name order, statements split on ';' at a line end). The same SQL runs on chdb and a server.
 --
 -- Idempotency: every MergeTree here keeps the hashes of its last 10,000 inserted blocks
