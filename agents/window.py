@@ -21,7 +21,7 @@ Two halves, one per side of a window's life:
 
 State, all of it written once per commit as (key, value) changes in the meter's changelog record
 (deleted keys have an empty value), and read back through ``read`` (the partition store): open
-windows (in memory while open), closed windows (revision and totals, for adjustments), GPU and
+windows (in memory while open), adjusted windows' last revision (a close is revision 0), GPU and
 compute sessions, period states (``LINEAR``, ``SEGMENTS``), API fees per period, the watermark
 (keys and records: ``agents.window_state``).
 """
