@@ -1,8 +1,9 @@
 """Dedupe: the meter's step after ingest, validated events -> accepted ones (pure core).
 
-An event's identity is (source, id): its CloudEvents ``source`` and ``id``. Every event of an account, and so
-every repeat of one (source, id) sent for that account, is deduped by the meter task of the
-account's partition (ingest forwards events that came in on another partition). Per event:
+An event's identity is (source, id): its CloudEvents ``source`` and ``id``. Every event of an
+account, and so every repeat of one (source, id) sent for that account, is deduped by the meter
+task of the account's partition (ingest forwards events that came in on another partition). Per
+event:
 
 1. take the identity and fingerprint ingest computed (``schemas.events.ValidRecord``: xxh3-128
    of the normalized event, so equal payloads match whatever spacing, key order or UTC offset the

@@ -13,9 +13,10 @@ closed windows, period usage, watermark), and the consumed offsets.
 
 Why ingest is a step here and not a stage of its own (``usage.raw -> [ingest] -> usage.valid ->
 [meter]``; docs/ARCHITECTURE.md): producers key ``usage.raw`` by account with Kafka's default
-partitioner, the same one ingest routes by, so nearly every event is already on its meter's partition. A hop
-through ``usage.valid`` cost every event a produce, a fetch and a decode on the worker's thread:
-bench/meter batch read 69,983 events/s without that hop against 61,609 with it, in the same hour.
+partitioner, the same one ingest routes by, so nearly every event is already on its meter's
+partition. A hop through ``usage.valid`` cost every event a produce, a fetch and a decode on the
+worker's thread: bench/meter batch read 69,983 events/s without that hop against 61,609 with it,
+in the same hour.
 A forwarded event is validated again by its account's partition (it is normalized, so it passes
 the same way) and deduped there like any event; it cannot be forwarded twice (the partition count
 is the same at both ends).
