@@ -114,7 +114,7 @@ impl MeterCore {
         {
             return Err(Decline);
         }
-        std::str::from_utf8(value).map_err(|_| Decline)?;
+        let value = std::str::from_utf8(value).map_err(|_| Decline)?;
         let policy = Policy {
             earliest_us: self.earliest_us,
             latest_us: self.latest_us,
