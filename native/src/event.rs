@@ -328,7 +328,7 @@ pub fn read_event<'a>(
     let data = match (data, data_span) {
         (Some(d), _) => d,
         (None, Some((start, end))) => {
-            let mut sub = Scanner::new(&s.text[..end]); // `end` follows a closing brace
+            let mut sub = Scanner::new(&s.text[..end]); // `end` follows a value: an ASCII byte
             sub.pos = start;
             read_object(&mut sub, kind.fields(), mode, arith)?
         }

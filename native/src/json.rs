@@ -1,5 +1,5 @@
-//! A JSON scanner over bytes: only what the event fast path and the re-read of normalized events
-//! need. It validates the grammar of everything it reads or skips (RFC 8259: strings without raw
+//! A JSON scanner over text (a `str`, stepped through as bytes): only what the event fast path
+//! and the re-read of normalized events need. It validates the grammar of everything it reads or skips (RFC 8259: strings without raw
 //! control characters and with valid escapes, numbers without leading zeros, literals), so a
 //! message it accepts is one msgspec accepts too. Anything it does not handle is a `Decline`:
 //! the caller hands the whole message to the Python path, which decides (and dead-letters).
