@@ -87,7 +87,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of a tabl
 def stats(
     ctx: typer.Context, since: SinceOption = None, until: UntilOption = None, as_json: JsonOption = False
 ) -> None:
-    """Billing statistics for a period (seed 003): records by status, revenue by service and
+    """Billing statistics for a period: records by status, revenue by service and
     billing method, active accounts and providers."""
     if ctx.invoked_subcommand is not None:
         return
@@ -138,7 +138,7 @@ def stats_usage(
     service: Annotated[str | None, typer.Option(help="One service type only.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Usage aggregations by account and service type (seed 003), with what each was charged."""
+    """Usage aggregations by account and service type, with what each was charged."""
     from rich.table import Table
 
     from pipeline.stats import usage_aggregations

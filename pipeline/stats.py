@@ -1,8 +1,8 @@
-"""Billing statistics (seed 003's ``/api/v1/stats`` and ``/usage/aggregations``) from ClickHouse.
+"""Billing statistics (records by status, revenue by service) and usage aggregations from ClickHouse.
 
 ``tally stats`` prints them; the HTTP API calls the same functions. Every query reads the daily
 rollups (a period is whole UTC days), never the raw rows, so a month costs the same whatever the
-traffic: ~30 rows per account and dimension. Seed 003's vocabulary, as Tally bills:
+traffic: ~30 rows per account and dimension. The statistics' vocabulary, as Tally bills:
 - status: ``completed`` (a window's first charge), ``adjusted`` (a later revision: late usage),
   ``failed`` (usage that could not be billed: dead letters, by reason);
 - service: ``gpu_rental``, ``storage``, ``compute``, ``model_inference`` (per-product charges),
@@ -38,7 +38,7 @@ class Money:
 
 @dataclass(frozen=True, slots=True)
 class BillingStats:
-    """Seed 003's statistics response, for the period ``since``..``until`` (UTC days, inclusive)."""
+    """The billing statistics for the period ``since``..``until`` (UTC days, inclusive)."""
 
     since: date
     until: date
@@ -73,7 +73,7 @@ class BillingStats:
 
 @dataclass(frozen=True, slots=True)
 class UsageAggregate:
-    """One account's usage of one service over a period (seed 003's usage aggregations)."""
+    """One account's usage of one service over a period (a usage aggregation)."""
 
     account: str
     service: str

@@ -65,7 +65,7 @@ Quantity = Annotated[
 
 
 class GpuUsage(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=False):
-    """A GPU rental heartbeat: what one session held over ``interval_seconds`` (seed 000)."""
+    """A GPU rental heartbeat: what one session held over ``interval_seconds``."""
 
     session_id: Ident
     provider_id: Ident
@@ -81,13 +81,13 @@ class GpuUsage(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=Fal
 
 
 class ApiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=False):
-    """API usage: requests (and tokens) served for one endpoint and product (seeds 003, 004)."""
+    """API usage: requests (and tokens) served for one endpoint and product."""
 
     endpoint: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
     request_count: Count = 1
     tokens_in: Count = 0
     tokens_out: Count = 0
-    product_id: Label | None = None  # e.g. gpt-4: per-product unit prices (seed 003)
+    product_id: Label | None = None  # e.g. gpt-4: per-product unit prices
     service_type: Label = "api_gateway"  # model_inference, mcp_service, agent_execution, ...
     status: Annotated[int, msgspec.Meta(ge=100, le=599)] = 200  # HTTP status of the request
     latency_ms: Count | None = None
@@ -95,7 +95,7 @@ class ApiRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=F
 
 
 class StorageUsage(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=False):
-    """Storage held over time: ``gb`` held for ``duration_seconds`` (seed 002's GB-month)."""
+    """Storage held over time: ``gb`` held for ``duration_seconds`` (priced per GB-month)."""
 
     storage_kind: Label  # bucket, filestore, ...
     resource_id: Ident
@@ -105,7 +105,7 @@ class StorageUsage(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc
 
 
 class SessionStarted(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, gc=False):
-    """A compute or GPU session began (seeds 000, 001, 002)."""
+    """A compute or GPU session began."""
 
     session_id: Ident
     provider_id: Ident | None = None
@@ -113,7 +113,7 @@ class SessionStarted(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, 
     gpu_model: Label | None = None
     vram_total_gb: Quantity | None = None
     vram_allocated_gb: Quantity | None = None
-    resource_tier: Label | None = None  # small, medium, large, gpu (seed 002)
+    resource_tier: Label | None = None  # small, medium, large, gpu
     region: Label | None = None
 
 

@@ -130,7 +130,7 @@ class DemandStep(_Model):
 
 
 class GpuRates(_Model):
-    """GPU rental (seed 000): per GPU model and hour, fractional VRAM, power, demand, fee."""
+    """GPU rental: per GPU model and hour, fractional VRAM, power, demand, fee."""
 
     base_rate_per_hour: dict[str, NonNegative] = Field(min_length=1)
     # fractional: the allocated share of the card's VRAM pays that share of the base rate;
@@ -143,7 +143,7 @@ class GpuRates(_Model):
     # force at a window's start applies; before the first step, ``demand_multiplier``.
     demand_schedule: list[DemandStep] = Field(default_factory=list)
     platform_fee_percent: Percent = Decimal(5)
-    # Minimum hourly rate per provider id (seed 000: a provider sets the least it rents for); the
+    # Minimum hourly rate per provider id (a provider sets the least it rents for); the
     # meter floors each heartbeat's rate at its provider's minimum.
     provider_minimum_per_hour: dict[str, NonNegative] = Field(default_factory=dict)
     billing_granularity_seconds: Annotated[int, Field(ge=1, le=3600)] = 60  # per-minute billing
@@ -184,7 +184,7 @@ class ApiTier(_Model):
 
 
 class Product(_Model):
-    """Per-product pricing of a usage quantity (seed 003: e.g. 0.002 per unit of gpt-4)."""
+    """Per-product pricing of a usage quantity (e.g. 0.002 per unit of gpt-4)."""
 
     unit: str = "unit"
     pricing: Pricing
@@ -197,9 +197,9 @@ class PriceBookVersion(_Model):
     gpu: GpuRates | None = None
     api_tiers: dict[str, ApiTier] = Field(default_factory=dict)
     products: dict[str, Product] = Field(default_factory=dict)
-    # Compute sessions (seed 002): user type -> resource tier -> price per hour.
+    # Compute sessions: user type -> resource tier -> price per hour.
     compute_per_hour: dict[str, dict[str, NonNegative]] = Field(default_factory=dict)
-    # Storage (seed 002): kind -> price per GB-month (a month is 30 days here: 720 hours).
+    # Storage: kind -> price per GB-month (a month is 30 days here: 720 hours).
     storage_per_gb_month: dict[str, NonNegative] = Field(default_factory=dict)
     one_time: dict[str, NonNegative] = Field(default_factory=dict)
 

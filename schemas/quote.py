@@ -18,7 +18,7 @@ class _QuoteLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, tag_f
 
 class GpuQuote(_QuoteLine, tag="gpu.usage.v1"):
     data: GpuUsage
-    # The provider's minimum hourly rate, when the provider set one (seed 000).
+    # The provider's minimum hourly rate, when the provider set one.
     provider_minimum: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}(\.[0-9]{1,12})?$")] | None = None
 
 

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS usage_events
         gb Decimal(38, 9),
         duration_seconds UInt32
     ),
-    -- Seed 003's service types: API requests name theirs; the other types map to one each.
+    -- Service types: API requests name theirs; the other types map to one each.
     service LowCardinality(String) MATERIALIZED multiIf(
         type = 'api.request.v1', data.service_type,
         type = 'gpu.usage.v1', 'gpu_rental',
@@ -56,7 +56,7 @@ ENGINE = MergeTree
 -- Monthly partitions: the 35-day correction horizon keeps writes in the last two, and retention
 -- drops whole months.
 PARTITION BY toYYYYMM(time)
--- Serves the drill-down by account (`tally stats usage --account`, seed 003's usage aggregations
+-- Serves the drill-down by account (`tally stats usage --account`, the usage aggregations
 -- by account and service type): WHERE subject = ? AND time BETWEEN ? reads one account's granules
 -- only (1 in ~1,000 accounts' rows), ordered by type so a service filter narrows further.
 -- Dashboards never read this table: they read the rollups below.
@@ -86,7 +86,7 @@ CREATE TABLE IF NOT EXISTS charges
         startsWith(meter, 'compute:'), 'compute',
         startsWith(meter, 'product:'), 'model_inference',
         'api_gateway'),
-    -- Seed 003's billing methods, as Tally bills: the API tier's fee is the subscription; usage
+    -- Billing methods, as Tally bills: the API tier's fee is the subscription; usage
     -- inside an included quota is charged 0 (subscription_included); the rest is deducted from
     -- the prepaid balance (wallet_deduction).
     billing_method LowCardinality(String) MATERIALIZED multiIf(
@@ -114,7 +114,7 @@ SETTINGS non_replicated_deduplication_window = 10000;
 --   whatever the number of accounts, where a key with the account had ~1 row per event at 1,000
 --   accounts (bench/analytics: usage_1d held 827,558 rows for 1,000,000 events).
 -- - by account (usage_accounts_1d, charges_accounts_1h/1d): the account and the service only, for
---   top accounts, reconcile and seed 003's per-account stats. No per-account minute rollup: at
+--   top accounts, reconcile and the per-account stats. No per-account minute rollup: at
 --   1,000 accounts it would hold about a row per event, a second copy of the raw table, whose
 --   ORDER BY (subject, type, time) already serves one account's minutes.
 -- Only the minute rollups and the per-account ones read raw rows; hour and day rollups cascade
@@ -205,7 +205,7 @@ SELECT
 FROM usage_1h
 GROUP BY bucket, type, service, gpu_model, provider_id, product_id, endpoint, storage_kind;
 
--- Usage per account, service and event type per day: seed 003's usage aggregations and active
+-- Usage per account, service and event type per day: the usage aggregations and active
 -- accounts (`tally stats`).
 CREATE TABLE IF NOT EXISTS usage_accounts_1d
 (

@@ -1,4 +1,4 @@
-"""Seed 003's statistics and usage aggregations on the known data set (chdb), and `tally stats`."""
+"""Billing statistics and usage aggregations on the known data set (chdb), and `tally stats`."""
 
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ def test_idle_partition_closes_by_the_wall_clock() -> None:
 
 
 def test_api_quota_and_fee_per_period_across_windows() -> None:
-    """Seed 004: 12,000 requests on startup in one month -> 50 fee + 2,000 x 0.01 = 70 USDC."""
+    """API tiers: 12,000 requests on startup in one month -> 50 fee + 2,000 x 0.01 = 70 USDC."""
     p = Partition(PLANS)
     for minute in range(12):  # 1,000 requests a minute, in 12 windows
         p.poll(

@@ -1,4 +1,4 @@
-"""Plans: the user type compute sessions are priced by (seed 002: free, pro, enterprise, admin)."""
+"""Plans: the user type compute sessions are priced by (free, pro, enterprise, admin)."""
 
 from __future__ import annotations
 
