@@ -173,9 +173,11 @@ class MeterTask:
 
     def tick(self, now: datetime) -> Outcome | None:
         """Close windows by the wall clock once the partition has been idle ``idle_close`` s."""
+        # Plans keep being read while the partition is idle (the call never waits), so the next
+        # poll with records is rated with plans no older than ``plans_refresh``.
+        self.plans.refresh()
         if not len(self.windows.core) or time.monotonic() - self._last_input < self.idle_close:
             return None
-        self.plans.refresh()
         self.windows.core.begin_poll(self.plans.generation)
         closed = self.windows.close(now, wall_clock=int(now.timestamp()))
         if not closed.changes:
@@ -259,7 +261,7 @@ class MeterStage:
         except BaseException:
             store.close()
             raise
-        self.plans.refresh(force=True)
+        await self.plans.load()
         return MeterTask(self.settings, partition, store, self.plans, self.ingest)
 
 

@@ -103,7 +103,14 @@ class Plans(Protocol):
         """The price book of that name as loaded now (None: it cannot be loaded)."""
         ...
 
-    def refresh(self, force: bool = False) -> None: ...
+    def refresh(self) -> None:
+        """Take up plans read since the last call, start the next read when due; never waits (the
+        meter calls it on the event loop at each poll)."""
+        ...
+
+    async def load(self) -> None:
+        """Read the plans now, waiting a bounded time (a partition's start)."""
+        ...
 
 
 @dataclass
@@ -139,7 +146,10 @@ class FixedPlans:
         self.plans[account] = history if isinstance(history, PlanHistory) else PlanHistory.always(history)
         self.generation += 1
 
-    def refresh(self, force: bool = False) -> None:
+    def refresh(self) -> None:
+        return None
+
+    async def load(self) -> None:
         return None
 
 

@@ -2,10 +2,17 @@
 
 The meter reads ``history_of(account)`` once per account whenever ``generation`` changes, so the
 answer is a dict lookup; the directory is re-read from Postgres every ``plans_refresh`` (30 s by
-default), and a price-book file whose content changed is loaded again. When
-Postgres cannot be reached the meter keeps rating with the plans it has (a stale plan is better
-than a stalled meter; a plan change takes effect for usage rated after the next successful read,
-at the change's own effective time, so usage before it keeps its old plan).
+default), and a price-book file whose content changed is loaded again.
+
+The read never runs on the event loop: ``refresh`` (each poll) starts it on a thread of its own
+and applies it at a later poll once it has finished, and ``load`` (a partition's start) awaits it
+for at most ``plans_read_timeout`` (without a bound only until plans have been read once). A
+Postgres that hangs (stopped, or a network that drops packets) would otherwise stop the loop, and
+with it the heartbeats of every stage's consumer: the worker would lose its partitions after one
+session timeout. When Postgres cannot be reached
+or does not answer, the meter keeps rating with the plans it has (a stale plan is better than a
+stalled meter; a plan change takes effect for usage rated after the next successful read, at the
+change's own effective time, so usage before it keeps its old plan).
 
 A plan whose price book cannot be used (its file is gone) prices nothing: the account's usage is
 dead-lettered ``unpriced`` with the reason, never rated by another book. A book file edited into
@@ -14,9 +21,11 @@ an invalid one keeps its last valid content (logged), so an operator's typo does
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +39,9 @@ from sinks.postgres import PlanRow, plan_histories, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
+# How soon a partition's start reads plans again when the first read failed.
+_FIRST_READ_RETRY_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
@@ -41,7 +53,18 @@ class _Loaded:
 class PlanDirectory:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
-        self.engine = engine or create_engine(sqlalchemy_url(settings), pool_size=1, max_overflow=0)
+        # A connection attempt gives up after the read timeout (libpq's connect_timeout: whole
+        # seconds), so a read against an unreachable host ends instead of waiting on TCP.
+        self.engine = engine or create_engine(
+            sqlalchemy_url(settings),
+            pool_size=1,
+            max_overflow=0,
+            connect_args={"connect_timeout": max(1, int(settings.plans_read_timeout.total_seconds()))},
+        )
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-directory")
+        self._reading: Future[dict[str, list[PlanRow]]] | None = None
+        self._reading_since = 0.0
+        self._overdue_logged = False
         self._books: dict[str, _Loaded] = {}
         default = self._load(settings.default_price_book)
         if default.book is None:
@@ -51,6 +74,7 @@ class PlanDirectory:
         self._histories: dict[str, PlanHistory] = {}
         self._rows: dict[str, list[PlanRow]] = {}
         self.generation = 0
+        self._loaded = False  # plans have been read at least once
         self._read_at: float | None = None  # monotonic seconds of the last read; None: never
 
     @property
@@ -89,19 +113,75 @@ class PlanDirectory:
         found = self._books.get(name) or self._load(name)
         return found.book
 
-    def refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        fresh = (
-            self._read_at is not None and now - self._read_at < self.settings.plans_refresh.total_seconds()
+    def refresh(self) -> None:
+        """Apply the plans read since the last call, and start the next read when it is due; never
+        waits (the meter calls it on the event loop at each poll)."""
+        reading = self._reading
+        if reading is not None:
+            if not reading.done():
+                self._log_overdue()
+                return
+            self._reading = None
+            self._apply(reading)
+        due = self._read_at is None or (
+            time.monotonic() - self._read_at >= self.settings.plans_refresh.total_seconds()
         )
-        if fresh and not force:
-            return
+        if due:
+            self._start_read()
+
+    async def load(self) -> None:
+        """Read the plans now and apply them (a partition's start: its first poll is rated with
+        plans as fresh as can be had), waiting at most ``plans_read_timeout`` once plans have been
+        read: on a timeout the plans loaded stay, and ``refresh`` applies the read once it ends.
+        Until plans have been read once, it waits (off the loop) and retries: with no plans at
+        all every account would be rated by the default book, which is no plan but a wrong one."""
+        timeout = self.settings.plans_read_timeout.total_seconds()
+        while True:
+            if self._reading is None:
+                self._start_read()
+            reading = self._reading
+            assert reading is not None
+            done, _ = await asyncio.to_thread(wait, [reading], timeout)  # neither cancels nor raises
+            if done and self._reading is reading:  # not taken up by a poll meanwhile
+                self._reading = None
+                self._apply(reading)
+            if self._loaded:
+                if not done:
+                    self._log_overdue()
+                return
+            if done:  # the first read failed (logged): try again shortly
+                await asyncio.sleep(_FIRST_READ_RETRY_S)
+
+    def read_now(self) -> None:
+        """Read the plans and apply them before returning (tests and commands, off any loop)."""
+        self._start_read()
+        reading = self._reading
+        assert reading is not None
+        self._reading = None
+        wait([reading])
+        self._apply(reading)
+
+    def _start_read(self) -> None:
+        self._reading = self._reader.submit(plan_histories, self.engine)
+        self._reading_since = time.monotonic()
+        self._overdue_logged = False
+
+    def _log_overdue(self) -> None:
+        waited = time.monotonic() - self._reading_since
+        if not self._overdue_logged and waited > self.settings.plans_read_timeout.total_seconds():
+            self._overdue_logged = True
+            log.warning("meter: reading account plans has taken %.0f s; rating with the plans loaded", waited)
+
+    def _apply(self, reading: Future[dict[str, list[PlanRow]]]) -> None:
+        """Take a finished read's plans (and reload the books), or keep the ones loaded."""
         try:
-            rows = plan_histories(self.engine)
+            rows = reading.result()
         except OperationalError as exc:
             log.warning("meter: cannot read account plans (%s); keeping the ones loaded", exc.orig)
+            self._read_at = time.monotonic()  # try again after plans_refresh
             return
-        self._read_at = now
+        self._read_at = time.monotonic()
+        self._loaded = True
         books_before = {name: loaded.stamp for name, loaded in self._books.items()}
         for name in list(self._books):
             self._load(name)
@@ -111,6 +191,11 @@ class PlanDirectory:
         self._rows = rows
         self._histories = {account: self._history(history) for account, history in rows.items()}
         self.generation += 1
+        log.info(
+            "meter: plans changed (generation %d): %d accounts with a plan history",
+            self.generation,
+            len(rows),
+        )
 
     def _history(self, rows: list[PlanRow]) -> PlanHistory:
         return PlanHistory.of(
@@ -136,4 +221,5 @@ class PlanDirectory:
         return history if history is not None else PlanHistory.always(self.default)
 
     def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()

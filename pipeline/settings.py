@@ -88,8 +88,10 @@ class Settings(BaseSettings):
     # book (Postgres ``plans.price_book``); an account without a plan with ``default_price_book``.
     price_books_dir: Path = REPO_ROOT / "schemas" / "pricebooks"
     default_price_book: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")] = "default"
-    # How often the meter re-reads account plans from Postgres.
+    # How often the meter re-reads account plans from Postgres, and how long a partition's start
+    # waits for that read (the read runs off the event loop; pipeline/plans.py).
     plans_refresh: timedelta = timedelta(seconds=30)
+    plans_read_timeout: timedelta = timedelta(seconds=10)
     # Optional file of known account ids (one per line). Unset: every well-formed subject is known.
     accounts_file: Path | None = None
 

@@ -125,6 +125,13 @@ async def dead_letters(settings: Settings) -> list[tuple[bytes, dict[str, bytes]
         await consumer.stop()
 
 
+def reloaded(worker: Worker) -> None:
+    """Wait until the worker's plan directory has taken up a change made before this call (it
+    reloads the books whenever it applies a read, and logs when the plans changed)."""
+    seen = worker.current_log().count("plans changed")
+    worker.wait_for_log("plans changed", 60, count=seen + 1)
+
+
 def totals(engine: Engine) -> dict[str, int]:
     with engine.connect() as db:
         rows = db.execute(text("SELECT account_id, sum(amount_base_units)::bigint FROM charges GROUP BY 1"))
@@ -191,7 +198,7 @@ def test_operator_changes_with_windows_open_never_stop_the_worker(tmp_path: Path
         change_plan(engine, "acct-switch", "o-none3", now + timedelta(seconds=2), actor="ops")
         (books / "ops.yaml").write_text(EDITED, encoding="utf-8")
         (books / "ops2.yaml").unlink()
-        time.sleep(3)  # the plan directory reloads the books (plans_refresh: 1 s)
+        reloaded(worker)
         later = now + timedelta(seconds=3)
         refused = heartbeat(later, "acct-model", 2, "a100")  # a model the book lacks now
         asyncio.run(publish(settings, [(b"acct-model", msgspec.json.encode(refused))]))
@@ -220,7 +227,7 @@ def test_operator_changes_with_windows_open_never_stop_the_worker(tmp_path: Path
         # The books whole again, the dead letters replayed: everything is charged once.
         (books / "ops.yaml").write_text(OPS, encoding="utf-8")
         (books / "ops2.yaml").write_text(OPS.replace("name: ops", "name: ops2"), encoding="utf-8")
-        time.sleep(2)  # the plan directory reloads the books (plans_refresh: 1 s)
+        reloaded(worker)
         replay = [(msgspec.json.decode(v)["subject"].encode(), v) for v, _ in letters]
         asyncio.run(publish(settings, replay))
         due = {

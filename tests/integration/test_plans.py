@@ -3,6 +3,7 @@ the plan in force at each moment, books reloaded when their file changes, a miss
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ def test_each_account_is_rated_by_the_plan_in_force_at_each_moment(tmp_path: Pat
         )
         upsert_accounts(engine, [("acct-gold", "gold"), ("acct-start", "startup"), ("acct-none", None)])
         plans = PlanDirectory(settings, engine)
-        plans.refresh(force=True)
+        plans.read_now()
         at = epoch_seconds(NOON)
         gold, start, none, unknown = (
             plans.history_of(a).at(at) for a in ("acct-gold", "acct-start", "acct-none", "acct-unknown")
@@ -63,11 +64,11 @@ def test_each_account_is_rated_by_the_plan_in_force_at_each_moment(tmp_path: Pat
         generation = plans.generation
         change_plan(engine, "acct-start", "gold", NOON, actor="test")
         assert plans.history_of("acct-start").at(at).api_tier == "startup"  # not refreshed yet
-        plans.refresh(force=True)
+        plans.read_now()
         assert plans.generation == generation + 1
         history = plans.history_of("acct-start")
         assert history.at(at - 1).api_tier == "startup" and history.at(at).api_tier == "gold"
-        plans.refresh(force=True)
+        plans.read_now()
         assert plans.generation == generation + 1  # nothing changed: the meter keeps its plans
         with engine.connect() as db:
             audit = db.execute(text("SELECT actor, action, subject FROM audit_log")).one()
@@ -90,23 +91,23 @@ def test_a_changed_book_is_reloaded_and_a_removed_one_prices_nothing(tmp_path: P
         upsert_plans(engine, [{"name": "gold", "price_book": "premium", "api_tier": "gold"}])
         upsert_accounts(engine, [("acct-gold", "gold")])
         plans = PlanDirectory(settings, engine)
-        plans.refresh(force=True)
+        plans.read_now()
         plan = plans.history_of("acct-gold").at(0)
         assert plan.book is not None and plan.book.versions[0].gpu is not None
 
         premium.write_text(PREMIUM.replace('"6.00"', '"7.00"'), encoding="utf-8")
-        plans.refresh(force=True)
+        plans.read_now()
         plan = plans.history_of("acct-gold").at(0)
         assert plan.book is not None and plan.book.versions[0].gpu is not None
         assert plan.book.versions[0].gpu.base_rate_per_hour["h100"] == 7
 
         premium.write_text("name: premium\nversions: []\n", encoding="utf-8")  # an operator's typo
-        plans.refresh(force=True)
+        plans.read_now()
         plan = plans.history_of("acct-gold").at(0)
         assert plan.book is not None and plan.book.versions[0].gpu is not None  # the last valid one
 
         premium.unlink()
-        plans.refresh(force=True)
+        plans.read_now()
         plan = plans.history_of("acct-gold").at(0)
         assert plan.book is None and plan.unpriced is not None and "premium" in plan.unpriced
     finally:
@@ -137,3 +138,39 @@ def test_tally_plans_changes_a_plan_from_a_moment_and_shows_the_history(tmp_path
         (None, None, None),
         ("2026-11-24T11:00:00+00:00", "startup", "startup"),
     ]
+
+
+def test_plans_are_read_off_the_loop_and_kept_when_postgres_cannot_answer(tmp_path: Path) -> None:
+    """A failed read keeps the plans loaded; a partition's start (``load``) waits for plans until
+    they have been read once. (That no read holds the event loop: tests/integration/
+    test_postgres_pause.py.)"""
+    settings = isolated_database(
+        load_settings(data_dir=tmp_path, plans_refresh="PT0S", plans_read_timeout="PT1S")
+    )
+    engine = create_engine(sqlalchemy_url(settings))
+    # Nothing listens on port 9 (discard) here: every connection is refused at once.
+    unreachable = create_engine("postgresql+psycopg://tally@127.0.0.1:9/tally", pool_size=1, max_overflow=0)
+    try:
+        upsert_plans(engine, [{"name": "startup", "price_book": "default", "api_tier": "startup"}])
+        upsert_accounts(engine, [("acct-1", "startup")])
+
+        never_read = PlanDirectory(settings, unreachable)
+        with pytest.raises(TimeoutError):  # no plans yet: the start waits, retrying
+            asyncio.run(asyncio.wait_for(never_read.load(), 3))
+        assert never_read.generation == 0
+
+        plans = PlanDirectory(settings, engine)
+        asyncio.run(plans.load())
+        assert plans.history_of("acct-1").at(0).api_tier == "startup"
+        generation = plans.generation
+        plans.engine = unreachable  # Postgres goes away
+        plans.refresh()  # starts a read on the directory's thread
+        asyncio.run(plans.load())  # the read fails (logged): the plans loaded stay
+        plans.refresh()
+        assert plans.generation == generation
+        assert plans.history_of("acct-1").at(0).api_tier == "startup"
+        never_read.close()
+        plans.close()
+    finally:
+        engine.dispose()
+        unreachable.dispose()
