@@ -24,13 +24,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 
 from agents.plans import AccountPlan, PlanHistory, epoch_seconds
 from pipeline.settings import Settings
@@ -41,6 +43,13 @@ log = logging.getLogger(__name__)
 
 # How soon a partition's start reads plans again when the first read failed.
 _FIRST_READ_RETRY_S = 1.0
+
+
+def _retrieved(waiting: asyncio.Future[Any]) -> None:
+    """Mark a wrapped read's outcome as seen (``_apply`` reads it from the read itself), so asyncio
+    does not log a failed read as an exception never retrieved."""
+    if not waiting.cancelled():
+        waiting.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +70,6 @@ class PlanDirectory:
             max_overflow=0,
             connect_args={"connect_timeout": max(1, int(settings.plans_read_timeout.total_seconds()))},
         )
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-directory")
         self._reading: Future[dict[str, list[PlanRow]]] | None = None
         self._reading_since = 0.0
         self._overdue_logged = False
@@ -136,12 +144,18 @@ class PlanDirectory:
         Until plans have been read once, it waits (off the loop) and retries: with no plans at
         all every account would be rated by the default book, which is no plan but a wrong one."""
         timeout = self.settings.plans_read_timeout.total_seconds()
+        finished = self._reading
+        if finished is not None and finished.done():  # a read from before: take it, read again
+            self._reading = None
+            self._apply(finished)
         while True:
             if self._reading is None:
                 self._start_read()
             reading = self._reading
             assert reading is not None
-            done, _ = await asyncio.to_thread(wait, [reading], timeout)  # neither cancels nor raises
+            waiting = asyncio.wrap_future(reading)
+            waiting.add_done_callback(_retrieved)
+            done, _ = await asyncio.wait([waiting], timeout=timeout)  # never cancels the read
             if done and self._reading is reading:  # not taken up by a poll meanwhile
                 self._reading = None
                 self._apply(reading)
@@ -162,7 +176,19 @@ class PlanDirectory:
         self._apply(reading)
 
     def _start_read(self) -> None:
-        self._reading = self._reader.submit(plan_histories, self.engine)
+        """Read on a daemon thread: a read hung on a stopped Postgres must not hold the worker's
+        exit (an executor's threads are joined at interpreter exit)."""
+        reading: Future[dict[str, list[PlanRow]]] = Future()
+        engine = self.engine
+
+        def read() -> None:
+            try:
+                reading.set_result(plan_histories(engine))
+            except BaseException as exc:  # handed to whoever applies the read
+                reading.set_exception(exc)
+
+        threading.Thread(target=read, name="plan-directory", daemon=True).start()
+        self._reading = reading
         self._reading_since = time.monotonic()
         self._overdue_logged = False
 
@@ -174,13 +200,12 @@ class PlanDirectory:
 
     def _apply(self, reading: Future[dict[str, list[PlanRow]]]) -> None:
         """Take a finished read's plans (and reload the books), or keep the ones loaded."""
+        self._read_at = self._reading_since  # the next read is due plans_refresh after this one began
         try:
             rows = reading.result()
-        except OperationalError as exc:
-            log.warning("meter: cannot read account plans (%s); keeping the ones loaded", exc.orig)
-            self._read_at = time.monotonic()  # try again after plans_refresh
+        except SQLAlchemyError as exc:  # unreachable, refused, or a schema mid-migration
+            log.warning("meter: cannot read account plans (%s); keeping the ones loaded", exc)
             return
-        self._read_at = time.monotonic()
         self._loaded = True
         books_before = {name: loaded.stamp for name, loaded in self._books.items()}
         for name in list(self._books):
@@ -221,5 +246,4 @@ class PlanDirectory:
         return history if history is not None else PlanHistory.always(self.default)
 
     def close(self) -> None:
-        self._reader.shutdown(wait=False, cancel_futures=True)
         self.engine.dispose()

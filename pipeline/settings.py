@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     # How often the meter re-reads account plans from Postgres, and how long a partition's start
     # waits for that read (the read runs off the event loop; pipeline/plans.py).
     plans_refresh: timedelta = timedelta(seconds=30)
-    plans_read_timeout: timedelta = timedelta(seconds=10)
+    plans_read_timeout: Annotated[timedelta, Field(gt=timedelta(0))] = timedelta(seconds=10)
     # Optional file of known account ids (one per line). Unset: every well-formed subject is known.
     accounts_file: Path | None = None
 

@@ -125,10 +125,16 @@ async def dead_letters(settings: Settings) -> list[tuple[bytes, dict[str, bytes]
         await consumer.stop()
 
 
-def reloaded(worker: Worker) -> None:
-    """Wait until the worker's plan directory has taken up a change made before this call (it
-    reloads the books whenever it applies a read, and logs when the plans changed)."""
-    seen = worker.current_log().count("plans changed")
+def changes_seen(worker: Worker) -> int:
+    """How many times the worker's plan directory has logged that its plans changed."""
+    return worker.current_log().count("plans changed")
+
+
+def reloaded(worker: Worker, seen: int) -> None:
+    """Wait until the worker's plan directory has taken up the changes made since ``seen`` was
+    counted. A directory logs a change only when a read or a book file differs from what it
+    had, and it loads the books when it applies a read, so the first change logged after the
+    count has the edited books."""
     worker.wait_for_log("plans changed", 60, count=seen + 1)
 
 
@@ -195,10 +201,11 @@ def test_operator_changes_with_windows_open_never_stop_the_worker(tmp_path: Path
         asyncio.run(publish(settings, [(str(e["subject"]).encode(), msgspec.json.encode(e)) for e in first]))
         asyncio.run(accepted(settings, len(first)))  # metered, windows open (90 s of grace)
         # The operator acts: a plan switched to one without an API tier, and the books edited.
-        change_plan(engine, "acct-switch", "o-none3", now + timedelta(seconds=2), actor="ops")
+        seen = changes_seen(worker)
         (books / "ops.yaml").write_text(EDITED, encoding="utf-8")
         (books / "ops2.yaml").unlink()
-        reloaded(worker)
+        change_plan(engine, "acct-switch", "o-none3", now + timedelta(seconds=2), actor="ops")
+        reloaded(worker, seen)
         later = now + timedelta(seconds=3)
         refused = heartbeat(later, "acct-model", 2, "a100")  # a model the book lacks now
         asyncio.run(publish(settings, [(b"acct-model", msgspec.json.encode(refused))]))
@@ -225,9 +232,10 @@ def test_operator_changes_with_windows_open_never_stop_the_worker(tmp_path: Path
             "acct-book": units("0.008333"),  # its GPU minute, priced when accepted
         }
         # The books whole again, the dead letters replayed: everything is charged once.
+        seen = changes_seen(worker)
         (books / "ops.yaml").write_text(OPS, encoding="utf-8")
         (books / "ops2.yaml").write_text(OPS.replace("name: ops", "name: ops2"), encoding="utf-8")
-        reloaded(worker)
+        reloaded(worker, seen)
         replay = [(msgspec.json.decode(v)["subject"].encode(), v) for v, _ in letters]
         asyncio.run(publish(settings, replay))
         due = {

@@ -39,12 +39,21 @@ def _parent(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def postgres_processes(engine: Engine) -> list[int]:
-    """The server (postmaster) and every backend of the Postgres ``engine`` talks to (on this
-    host): the parent of this connection's backend, and its children."""
+def _is_postgres(pid: int) -> bool:
+    return Path(f"/proc/{pid}/comm").read_text(encoding="ascii", errors="replace").startswith("postgres")
+
+
+def pause_postgres(engine: Engine) -> list[int]:
+    """SIGSTOP the Postgres ``engine`` talks to (it must run on this host, as `make up` starts it):
+    the server (the parent of this connection's backend) first, so that it forks no backend
+    meanwhile, then every child of it. Returns the processes stopped."""
     with engine.connect() as db:
         backend = db.execute(text("SELECT pg_backend_pid()")).scalar_one()
     server = _parent(backend)
+    assert _is_postgres(backend) and _is_postgres(server), (
+        "this test pauses a Postgres server on this host: run the local one (make up)"
+    )
+    signal_all([server], signal.SIGSTOP)
     children = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -53,6 +62,7 @@ def postgres_processes(engine: Engine) -> list[int]:
                     children.append(int(entry.name))
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile
+    signal_all(children, signal.SIGSTOP)
     return [server, *children]
 
 
@@ -60,8 +70,8 @@ def signal_all(pids: list[int], signum: signal.Signals) -> None:
     for pid in pids:
         try:
             os.kill(pid, signum)
-        except ProcessLookupError:
-            continue
+        except OSError:
+            continue  # gone meanwhile
 
 
 def batch(at: datetime, serial: int) -> list[tuple[bytes, bytes]]:
@@ -103,8 +113,7 @@ def test_a_paused_postgres_costs_no_partition_and_no_charge(tmp_path: Path) -> N
             time.sleep(0.5)
         assert totals(engine) == dict.fromkeys(ACCOUNTS, units("0.2"))
 
-        paused = postgres_processes(engine)
-        signal_all(paused, signal.SIGSTOP)
+        paused = pause_postgres(engine)
         stopped_at = time.monotonic()
         sent = 0
         while time.monotonic() - stopped_at < pause_s:
