@@ -9,10 +9,10 @@ and applies it at a later poll once it has finished, and ``load`` (a partition's
 for at most ``plans_read_timeout`` (without a bound only until plans have been read once). A
 Postgres that hangs (stopped, or a network that drops packets) would otherwise stop the loop, and
 with it the heartbeats of every stage's consumer: the worker would lose its partitions after one
-session timeout. When Postgres cannot be reached
-or does not answer, the meter keeps rating with the plans it has (a stale plan is better than a
-stalled meter; a plan change takes effect for usage rated after the next successful read, at the
-change's own effective time, so usage before it keeps its old plan).
+session timeout. When Postgres cannot be reached or does not answer, the meter keeps rating with
+the plans it has (a stale plan is better than a stalled meter; a plan change takes effect for
+usage rated after the next successful read, at the change's own effective time, so usage before
+it keeps its old plan).
 
 A plan whose price book cannot be used (its file is gone) prices nothing: the account's usage is
 dead-lettered ``unpriced`` with the reason, never rated by another book. A book file edited into
